@@ -1,0 +1,18 @@
+"""The embedded default's world: procedural prompts, a deterministic renderer and a
+verifiable reward (a colour / shape / count / position detector), with no downloads."""
+
+from .detector import (Detection, DetectedObject, ScoreResult, detect, detect_batch, score,
+                       to_unit_rgb)
+from .grammar import (ATTRIBUTES, COLOURS, COUNTS, POSITIONS, SHAPES, PromptSpec, all_specs,
+                      as_spec, corrupt_spec, differ_in, heldout_pairs, heldout_specs, is_heldout,
+                      parse_prompt, train_specs)
+from .render import (Placement, from_tensor, layout, render, render_batch, save_grid,
+                     to_tensor)
+
+__all__ = [
+    "ATTRIBUTES", "COLOURS", "COUNTS", "POSITIONS", "SHAPES", "PromptSpec", "all_specs", "as_spec",
+    "corrupt_spec", "differ_in", "heldout_pairs", "heldout_specs", "is_heldout", "parse_prompt",
+    "train_specs", "Placement", "from_tensor", "layout", "render", "render_batch", "save_grid",
+    "to_tensor", "Detection", "DetectedObject", "ScoreResult", "detect", "detect_batch", "score",
+    "to_unit_rgb",
+]
