@@ -144,7 +144,8 @@ def test_detect_reports_objects() -> None:
 
 
 def test_other_colours_and_extra_objects_are_judged() -> None:
-    """Objects of another colour only matter for the colour attribute (by mass share)."""
+    """When objects of another colour dominate, the picture does not depict the prompt: colour fails
+    and, by the anti-clutter gate, count / shape / position are not credited either."""
     red = render(PromptSpec("red", "circle", 1, "left"), 0)
     blues = render(PromptSpec("blue", "square", 3, "right"), 1)
     mixed = np.maximum(red, blues)
@@ -153,7 +154,9 @@ def test_other_colours_and_extra_objects_are_judged() -> None:
     assert red_mass < 0.5 * sum(o.mass for o in found.objects)   # blue dominates here
     result = score(mixed, ["a red circle on the left"])
     assert not result.colour[0]
-    assert result.count[0] and result.shape[0] and result.position[0]
+    assert not (result.count[0] or result.shape[0] or result.position[0])
+    # the continuous part still prefers it to an image without the red circle at all
+    assert result.reward[0] > score(blues, ["a red circle on the left"]).reward[0]
     # an extra object of the prompt colour breaks count and (being on the right) position
     extra = np.maximum(red, render(PromptSpec("red", "square", 1, "right"), 2))
     result = score(extra, ["a red circle on the left"])
@@ -168,3 +171,17 @@ def test_scoring_is_fast(ground_truth) -> None:
     elapsed = time.perf_counter() - start
     print(f"scored 512 images in {elapsed:.3f} s")
     assert elapsed < 3.0
+
+
+def test_noise_and_clutter_collect_no_attribute_credit() -> None:
+    """Uniform noise must not pass any attribute (one stray blob of the right hue used to earn ~0.75)."""
+    rng = np.random.default_rng(0)
+    prompts = [s.text for s in all_specs()[::4]]
+    noise = rng.integers(0, 256, size=(len(prompts), 32, 32, 3), dtype=np.uint8)
+    res = score(noise, prompts)
+    for attribute in ("colour", "shape", "count", "position", "overall"):
+        assert not getattr(res, attribute).any(), attribute
+    assert float(res.reward.max()) <= 0.2
+    # A clean render keeps its full score: the gates do not touch real depictions.
+    clean = score(render_batch(list(all_specs()[::4]), list(range(len(prompts))), 32), prompts)
+    assert clean.overall.mean() >= 0.99

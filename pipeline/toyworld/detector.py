@@ -36,6 +36,10 @@ How each attribute of a prompt is judged (the "prompt colour" is the spec's colo
   stated axis than across it ("on the left" excludes the top-left corner; the renderer keeps
   this margin, which makes the four positions mutually exclusive);
 * **overall** (GenEval's strict score): all four hold.
+* **gates** against clutter: if more than half of the frame is object-coloured (core pixels, step 1)
+  the image depicts nothing and every attribute fails; count, shape and position are judged only
+  when the colour attribute holds. Without them a noise image collected ~0.75 reward from one
+  stray blob of the right hue. A dim or grey background is not clutter: only chromatic pixels count.
 
 ``reward`` in [0, 1] is ``0.8 * (number of attributes correct) / 4 + 0.2 * soft`` where ``soft``
 is the mean of four continuous terms: the prompt colour's mass fraction, ``exp(-|n - count|)``,
@@ -65,6 +69,7 @@ WEIGHT_FLOOR = 0.08
 WEIGHT_PERCENTILE = 90.0
 MIN_PIXELS_FRACTION = 0.006
 REWARD_HARD_WEIGHT = 0.8
+MAX_CHROMATIC_FRACTION = 0.5  # clean renders colour at most ~30 % of the frame; uniform noise ~70 %
 
 _COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 # Prototype features (rho, vertical skewness, horizontal kurtosis) measured on clean renders
@@ -312,10 +317,17 @@ def score(images: Any, prompts: Sequence["str | PromptSpec"]) -> ScoreResult:
     mean_across = per_image(match * across) / safe_n
     side_soft = per_image(match / (1.0 + np.exp(-along / (0.1 * max(h, w)))))
 
-    colour_ok = has & (colour_frac >= 0.5)
-    count_ok = n_match == want_count
-    shape_ok = has & (shape_hits > n_match / 2.0)
-    position_ok = has & (wrong_side == 0) & (mean_along > np.abs(mean_across))
+    # Anti-clutter gates, so that noise cannot collect partial credit: a frame that is mostly
+    # non-background is no depiction at all, and count / shape / position are only judged when the
+    # prompt's objects dominate the picture (the colour attribute holds).
+    vmax = unit.max(axis=-1)
+    chroma = vmax - unit.min(axis=-1)
+    core = (chroma >= CORE_CHROMA) & (chroma >= CORE_SATURATION * vmax)
+    depicts = core.mean(axis=(1, 2)) <= MAX_CHROMATIC_FRACTION
+    colour_ok = depicts & has & (colour_frac >= 0.5)
+    count_ok = colour_ok & (n_match == want_count)
+    shape_ok = colour_ok & (shape_hits > n_match / 2.0)
+    position_ok = colour_ok & (wrong_side == 0) & (mean_along > np.abs(mean_across))
     overall = colour_ok & count_ok & shape_ok & position_ok
 
     hard = (colour_ok.astype(float) + count_ok + shape_ok + position_ok) / 4.0
