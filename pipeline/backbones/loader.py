@@ -1,0 +1,48 @@
+"""Pick the backbone class for a local model folder from its ``model_index.json`` (or its subfolders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .base import Backbone
+from .sd3 import SD3Backbone
+from .sdxl import SDXLBackbone
+from .unet import UNetBackbone, check_model_folder
+
+#: diffusers pipeline class names (model_index.json "_class_name") → backbone class
+PIPELINE_CLASSES: dict[str, type[Backbone]] = {
+    "StableDiffusionPipeline": UNetBackbone,
+    "ToyWorldReference": UNetBackbone,
+    "StableDiffusionXLPipeline": SDXLBackbone,
+    "StableDiffusion3Pipeline": SD3Backbone,
+}
+
+
+def backbone_class(path: str | Path) -> type[Backbone]:
+    path = check_model_folder(path, required=())
+    index = path / "model_index.json"
+    if index.is_file():
+        try:
+            name = json.loads(index.read_text()).get("_class_name")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{index} is not valid JSON: {err}") from err
+        if name in PIPELINE_CLASSES:
+            return PIPELINE_CLASSES[name]
+        raise ValueError(f"{index}: pipeline class {name!r} is not supported; expected one of {sorted(PIPELINE_CLASSES)}")
+    if (path / "transformer").is_dir():
+        return SD3Backbone
+    if (path / "text_encoder_2").is_dir():
+        return SDXLBackbone
+    return UNetBackbone
+
+
+def load_backbone(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  lora_rank: int = 0) -> Backbone:
+    """Load any supported local model folder; ``lora_rank > 0`` trains LoRA adapters instead of all weights."""
+    backbone = backbone_class(path).from_pretrained(path, device=device, dtype=dtype)
+    if lora_rank:
+        backbone.enable_lora(rank=lora_rank)
+    return backbone

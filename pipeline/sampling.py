@@ -1,0 +1,140 @@
+"""Classifier-free-guided sampling with the log-probability of every stochastic transition.
+
+DDPM-family backbones sample with diffusers' ``DDIMScheduler`` (η = 1 is ancestral DDPM sampling on the
+coarse grid, η = 0 is deterministic DDIM). Flow models take the sigmas of ``FlowMatchEulerDiscreteScheduler``
+and step with generalized DDIM on the flow path: η = 0 is exactly flow Euler, η > 0 is stochastic with
+Gaussian transitions (the SDE-style sampling of Flow-GRPO, here with the exact posterior variance). Each image draws its initial noise and its step noise from its
+own ``torch.Generator(seed)``, so a (prompt, seed) gives the same image whatever batch it lands in — that
+is what makes evaluation seeds fixed and rollouts reproducible.
+
+The transition ``x_t → x_prev`` is ``N(mean, std²)`` with ``std = η·√(posterior variance)`` (DDIM Eq. 16);
+the log-probability (averaged over dimensions, as the importance weights are) is recorded per step so
+that off-policy corrections can compare the policy that sampled with the one being trained.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .backbones.base import Backbone, cat_conditioning
+from .objectives import Parameterization
+
+
+@dataclass
+class SampleOutput:
+    images: Tensor  # (N, 3, H, W) in [-1, 1], on CPU
+    latents: Tensor  # (N, C, h, w) final latents, on CPU
+    log_probs: Tensor  # (N, steps) mean-over-dims log-density of each transition; 0 where deterministic
+    timesteps: Tensor  # (steps,) the network timestep values visited
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    num_steps: int = 20
+    guidance_scale: float = 3.0
+    eta: float = 1.0
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if self.num_steps < 1:
+            raise ValueError(f"sampler.num_steps={self.num_steps}: expected >= 1")
+        if self.guidance_scale < 0:
+            raise ValueError(f"sampler.guidance_scale={self.guidance_scale}: expected >= 0")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"sampler.eta={self.eta}: expected a value in [0, 1]")
+        if self.batch_size < 1:
+            raise ValueError(f"sampler.batch_size={self.batch_size}: expected >= 1")
+
+
+def _noise(shape, generators: Sequence[torch.Generator]) -> Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+@torch.no_grad()
+def _sample_batch(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], cfg: SamplerConfig,
+                  reference: bool) -> SampleOutput:
+    device = backbone.device
+    flow = backbone.process.parameterization is Parameterization.FLOW
+    scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(backbone.scheduler_config)
+    scheduler.set_timesteps(cfg.num_steps)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    n = len(prompts)
+    shape = backbone.latent_shape()
+    x = _noise(shape, generators).to(device)
+    cond = backbone.encode_prompts(prompts)
+    guided = cfg.guidance_scale != 1.0
+    if guided:
+        cond = cat_conditioning([cond, backbone.empty_conditioning(n)])
+    log_probs = []
+    for i, t in enumerate(scheduler.timesteps):
+        t_model = torch.full((n,), float(t))
+        if guided:
+            out = backbone.predict_at(torch.cat([x, x]), t_model.repeat(2), cond, reference=reference)
+            pred_c, pred_u = out.float().chunk(2)
+            pred = pred_u + cfg.guidance_scale * (pred_c - pred_u)
+        else:
+            pred = backbone.predict_at(x, t_model, cond, reference=reference).float()
+        z = _noise(shape, generators).to(device)
+        if flow:
+            x, std = _flow_step(x, pred, float(scheduler.sigmas[i]), float(scheduler.sigmas[i + 1]), cfg.eta, z)
+        else:
+            x = scheduler.step(pred, t, x, eta=cfg.eta, variance_noise=z).prev_sample
+            prev_t = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+            std = cfg.eta * math.sqrt(_ddim_variance(scheduler, int(t), prev_t))
+        if std > 0:
+            lp = (-0.5 * z.pow(2) - math.log(std) - 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
+        else:
+            lp = torch.zeros(n, device=device)
+        log_probs.append(lp)
+    images = backbone.decode_latents(x)
+    return SampleOutput(images=images.cpu(), latents=x.cpu(), log_probs=torch.stack(log_probs, 1).cpu(),
+                        timesteps=scheduler.timesteps.clone().cpu())
+
+
+def _flow_step(x: Tensor, velocity: Tensor, sigma_t: float, sigma_s: float, eta: float, z: Tensor) -> tuple[Tensor, float]:
+    """One generalized-DDIM step on the rectified-flow path x = (1-σ)·x0 + σ·ε.
+
+    η = 0 is exactly the flow Euler step ``x + (σ_s - σ_t)·v``; η > 0 adds noise with the posterior
+    variance scaled by η² (the stochastic, SDE-style sampler whose transitions have a tractable density).
+    """
+    a_t, a_s = 1.0 - sigma_t, 1.0 - sigma_s
+    x0 = x - sigma_t * velocity
+    eps = x + a_t * velocity
+    var = 0.0
+    if sigma_s > 0 and a_s > 0:
+        var = max(sigma_t**2 - (a_t / a_s) ** 2 * sigma_s**2, 0.0) * sigma_s**2 / sigma_t**2
+    std = eta * math.sqrt(var)
+    mean = a_s * x0 + math.sqrt(max(sigma_s**2 - std**2, 0.0)) * eps
+    return mean + std * z, std
+
+
+def _ddim_variance(scheduler: DDIMScheduler, t: int, prev_t: int) -> float:
+    """DDIM's σ_t² at η = 1, i.e. the DDPM posterior variance between the two grid points."""
+    a_t = scheduler.alphas_cumprod[t]
+    a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    return float((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+
+
+def sample(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], cfg: SamplerConfig = SamplerConfig(),
+           *, reference: bool = False, progress: bool = False) -> SampleOutput:
+    """Sample one image per (prompt, seed); ``reference=True`` samples from the frozen reference."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds; expected one seed per prompt")
+    outs = []
+    starts = range(0, len(prompts), cfg.batch_size)
+    for start in tqdm(starts, desc="sampling", disable=not progress, unit="batch"):
+        sl = slice(start, start + cfg.batch_size)
+        outs.append(_sample_batch(backbone, prompts[sl], seeds[sl], cfg, reference))
+    return SampleOutput(
+        images=torch.cat([o.images for o in outs]),
+        latents=torch.cat([o.latents for o in outs]),
+        log_probs=torch.cat([o.log_probs for o in outs]),
+        timesteps=outs[0].timesteps,
+    )
