@@ -1,0 +1,164 @@
+"""Compose the Ray Data stages into one preference-data generation run.
+
+    prompts ─▶ [perturb c→c⁻] ─▶ [expand K seeds] ─▶ generate (actor pool) ─▶ [score (actor pool)] ─▶ pairs ─▶ Parquet
+
+Strategies:
+
+* ``onpolicy`` — K rollouts per prompt from the given model, scored by the reward, best-vs-worst (or all)
+  pairs above a reward gap; per-prompt statistics are kept.
+* ``ddspo-paired`` — the frozen model renders c and c⁻ with the same seed; label-free pairs.
+* ``rand-positive`` / ``not-paired`` — DDSPO without negative images: only winners are rendered, the
+  loser image is borrowed from another prompt in its group (see :func:`stages.pairs_borrowing_losers`).
+
+The output folder is written atomically with a completion marker and a manifest holding the config; a
+rerun with the same config returns the finished dataset untouched, a rerun with another config refuses
+to overwrite it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from ..sampling import SamplerConfig
+from ..toyworld.reference import REFERENCE_DIR
+from ..utils.atomic import atomic_directory, is_complete
+from . import stages
+from .perturb import PERTURBATIONS
+from .schema import STRATEGIES, read_pairs
+
+MANIFEST = "manifest.json"
+LIGHT_STAGE_CPUS = 0.25
+
+
+@dataclass
+class GenerationConfig:
+    model: str = str(REFERENCE_DIR)
+    lora_path: str = ""  # a LoRA adapter folder to load on top of ``model`` (a trained policy)
+    prompts: str = "toy:train"  # a .txt / .parquet file or toy:train | toy:heldout | toy:all
+    prompt_limit: int = 0
+    prompt_repeat: int = 1
+    strategy: str = "onpolicy"
+    perturb: str = "rand-removal"
+    llm_path: str = ""
+    llm_task: str = "alignment"
+    samples_per_prompt: int = 4
+    pairing: str = "best-worst"
+    min_reward_gap: float = 0.0
+    reward: Any = field(default_factory=lambda: {"name": "toy"})
+    sampler: dict = field(default_factory=lambda: asdict(SamplerConfig()))
+    batch_size: int = 32
+    num_actors: int = 1
+    num_gpus_per_actor: float = -1.0  # -1: one GPU per model actor when the cluster has GPUs, else 0
+    cpus_per_actor: float = 0.5  # CPUs a model actor reserves (its torch threads may use more)
+    torch_threads: int = 0  # 0: leave Ray's default (one thread per reserved CPU)
+    group_size: int = 16  # prompts per loser-borrowing group (efficient DDSPO strategies)
+    seed: int = 0
+    round: int = 0
+    policy_version: str = "reference"
+    write_png: bool = True
+
+    def __post_init__(self):
+        checks = [
+            ("strategy", self.strategy in STRATEGIES, f"one of {STRATEGIES}"),
+            ("perturb", self.perturb in PERTURBATIONS, f"one of {PERTURBATIONS}"),
+            ("pairing", self.pairing in ("best-worst", "all"), "'best-worst' or 'all'"),
+            ("samples_per_prompt", self.samples_per_prompt >= 2 or self.strategy != "onpolicy", ">= 2 for onpolicy"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("num_actors", self.num_actors >= 1, ">= 1"),
+            ("cpus_per_actor", self.cpus_per_actor > 0, "> 0"),
+            ("group_size", self.group_size >= 2, ">= 2"),
+            ("min_reward_gap", self.min_reward_gap >= 0, ">= 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"generation.{name}={getattr(self, name)!r}: expected {expected}")
+        SamplerConfig(**self.sampler)  # validates the sampler fields
+
+    def fingerprint(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _gpus(cfg: GenerationConfig) -> float:
+    if cfg.num_gpus_per_actor >= 0:
+        return cfg.num_gpus_per_actor
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
+    """The lazy Ray Data pipeline for one config (nothing runs until it is consumed)."""
+    from .prompts import load_prompts
+
+    pool = ray.data.ActorPoolStrategy(size=cfg.num_actors)
+    gpus = _gpus(cfg)
+    # Light stages reserve a quarter CPU: with Ray's default of one CPU per task, model actors holding
+    # their reservation on a small machine would leave no room for the stages that feed them (deadlock).
+    light = dict(num_cpus=LIGHT_STAGE_CPUS)
+    ds = ray.data.from_items(load_prompts(cfg.prompts, limit=cfg.prompt_limit, repeat=cfg.prompt_repeat))
+
+    if cfg.strategy in ("ddspo-paired", "not-paired"):  # strategies that need c⁻ of the prompt itself
+        llm = dict(compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.cpus_per_actor) if cfg.perturb == "llm" else light
+        ds = ds.map_batches(stages.PerturbPrompts, batch_size=cfg.batch_size, **llm,
+                            fn_constructor_kwargs=dict(method=cfg.perturb, seed=cfg.seed, llm_path=cfg.llm_path,
+                                                       llm_task=cfg.llm_task))
+
+    generate = dict(batch_size=cfg.batch_size, compute=pool, num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
+    gen_kwargs = dict(model=cfg.model, sampler=cfg.sampler, torch_threads=cfg.torch_threads,
+                      write_png=cfg.write_png, lora_path=cfg.lora_path)
+
+    if cfg.strategy == "onpolicy":
+        ds = ds.flat_map(stages.expand_samples, fn_kwargs=dict(samples_per_prompt=cfg.samples_per_prompt,
+                                                               seed=cfg.seed, round_=cfg.round), **light)
+        ds = ds.map_batches(stages.GenerateImages, fn_constructor_kwargs=dict(columns={"": "prompt"}, **gen_kwargs),
+                            **generate)
+        ds = ds.map_batches(stages.ScoreImages, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
+                            num_cpus=LIGHT_STAGE_CPUS, num_gpus=gpus, fn_constructor_kwargs=dict(reward=cfg.reward))
+        return ds.groupby("prompt_id").map_groups(
+            stages.pairs_from_rollouts, fn_kwargs=dict(pairing=cfg.pairing, min_gap=cfg.min_reward_gap,
+                                                       round_=cfg.round, policy_version=cfg.policy_version), **light)
+
+    ds = ds.map(lambda row: {**row, "seed": stages.derive_seed(cfg.seed, cfg.round, row["prompt_id"]),
+                             "group": row["prompt_id"] // cfg.group_size}, **light)
+    if cfg.strategy == "ddspo-paired":
+        ds = ds.map_batches(stages.GenerateImages,
+                            fn_constructor_kwargs=dict(columns={"_w": "prompt", "_l": "perturbed_prompt"}, **gen_kwargs),
+                            **generate)
+        return ds.map_batches(stages.pairs_from_ddspo, batch_size=cfg.batch_size, **light,
+                              fn_kwargs=dict(round_=cfg.round, policy_version=cfg.policy_version))
+    ds = ds.map_batches(stages.GenerateImages, fn_constructor_kwargs=dict(columns={"": "prompt"}, **gen_kwargs),
+                        **generate)
+    return ds.groupby("group").map_groups(
+        stages.pairs_borrowing_losers, fn_kwargs=dict(strategy=cfg.strategy, seed=cfg.seed, round_=cfg.round,
+                                                      policy_version=cfg.policy_version), **light)
+
+
+def generate(cfg: GenerationConfig, out: str | Path) -> dict:
+    """Run the pipeline into ``out`` (atomically); returns the manifest. Idempotent for the same config."""
+    out = Path(out)
+    if is_complete(out):
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest["fingerprint"] == cfg.fingerprint():
+            return {**manifest, "skipped": True}
+        raise FileExistsError(f"{out} holds a finished dataset made with another config "
+                              f"(fingerprint {manifest['fingerprint']} != {cfg.fingerprint()}); choose another --out")
+    t0 = time.time()
+    with atomic_directory(out, marker=True) as tmp:
+        ds = build_dataset(cfg).sort("pair_id")  # a stable row order: reruns write identical files
+        ds.write_parquet(str(tmp / "pairs"), min_rows_per_file=100_000)
+        table = read_pairs(tmp / "pairs")  # validate what was written before marking it complete
+        manifest = {
+            "fingerprint": cfg.fingerprint(), "config": asdict(cfg), "num_pairs": table.num_rows,
+            "num_prompts": len(set(table.column("prompt").to_pylist())), "seconds": round(time.time() - t0, 2),
+        }
+        if cfg.strategy == "onpolicy" and table.num_rows:
+            gap = (table.column("reward_w").to_numpy() - table.column("reward_l").to_numpy())
+            manifest["mean_reward_gap"] = float(gap.mean())
+            manifest["mean_prompt_reward"] = float(table.column("prompt_reward_mean").to_numpy().mean())
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    return {**manifest, "skipped": False}

@@ -1,0 +1,112 @@
+"""The preference-pair Parquet schema (version 1) and its validating reader.
+
+One row is one training pair. Images are stored twice, on purpose:
+
+* ``latent_w`` / ``latent_l`` (float32 lists + ``latent_shape``) are what the trainer consumes: exactly
+  the tensors the generating model produced, so training needs no VAE pass and no lossy decode/encode
+  round trip (for the pixel-space toy world they *are* the images);
+* ``png_w`` / ``png_l`` are for people: open the Parquet file, look at the pairs. They can be turned
+  off (empty bytes) for very large runs.
+
+``perturbed_prompt`` is c⁻ for DDSPO strategies ("" otherwise). Rewards are NaN where a strategy does not
+score (label-free DDSPO). ``prompt_*`` columns keep per-prompt statistics of the scored samples the pair
+was built from. ``pair_id`` is a deterministic hash of how the pair was made, so reruns never duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+
+STRATEGIES = ("ddspo-paired", "rand-positive", "not-paired", "onpolicy")
+
+PAIR_SCHEMA = pa.schema([
+    ("schema_version", pa.int32()),
+    ("pair_id", pa.string()),
+    ("prompt", pa.string()),
+    ("perturbed_prompt", pa.string()),
+    ("strategy", pa.string()),
+    ("round", pa.int32()),
+    ("policy_version", pa.string()),
+    ("seed_w", pa.int64()),
+    ("seed_l", pa.int64()),
+    ("reward_w", pa.float64()),
+    ("reward_l", pa.float64()),
+    ("prompt_reward_mean", pa.float64()),
+    ("prompt_reward_std", pa.float64()),
+    ("prompt_num_samples", pa.int32()),
+    ("latent_shape", pa.list_(pa.int32())),
+    ("latent_w", pa.list_(pa.float32())),
+    ("latent_l", pa.list_(pa.float32())),
+    ("png_w", pa.binary()),
+    ("png_l", pa.binary()),
+])
+
+
+class SchemaError(ValueError):
+    """A pairs file that is not a valid version-1 dataset; the message names the file and the problem."""
+
+
+def make_pair_id(*parts: object) -> str:
+    return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def validate_table(table: pa.Table, source: str = "<table>") -> pa.Table:
+    """Check columns, types and invariants; return the table with columns in schema order."""
+    missing = [f.name for f in PAIR_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise SchemaError(f"{source}: missing column(s) {missing}; expected the version-{SCHEMA_VERSION} pair schema "
+                          f"(see docs/data.md)")
+    try:
+        table = table.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise SchemaError(f"{source}: column types do not match the pair schema: {err}") from err
+    if table.num_rows == 0:
+        return table
+    versions = set(table.column("schema_version").to_pylist())
+    if versions != {SCHEMA_VERSION}:
+        raise SchemaError(f"{source}: schema_version {sorted(versions)}; this reader supports {SCHEMA_VERSION}")
+    bad = set(table.column("strategy").to_pylist()) - set(STRATEGIES)
+    if bad:
+        raise SchemaError(f"{source}: unknown strategy {sorted(bad)}; expected one of {STRATEGIES}")
+    sizes = pc.list_value_length(table.column("latent_w")).to_numpy()
+    sizes_l = pc.list_value_length(table.column("latent_l")).to_numpy()
+    expected = np.array([int(np.prod(s)) for s in table.column("latent_shape").to_pylist()])
+    if not (np.array_equal(sizes, expected) and np.array_equal(sizes_l, expected)):
+        row = int(np.argmax((sizes != expected) | (sizes_l != expected)))
+        raise SchemaError(f"{source}: row {row} latent length {sizes[row]}/{sizes_l[row]} does not match "
+                          f"latent_shape {table.column('latent_shape')[row].as_py()}")
+    return table
+
+
+def read_pairs(path: str | Path) -> pa.Table:
+    """Read and validate a pairs file or a folder of Parquet parts."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"pairs dataset {path} does not exist")
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise SchemaError(f"{path}: no .parquet files in this folder")
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise SchemaError(f"{f}: not a readable Parquet file ({err})") from err
+    return validate_table(pa.concat_tables([validate_table(t, str(f)) for t, f in zip(tables, files)]), str(path))
+
+
+def latents_of(table: pa.Table, column: str) -> np.ndarray:
+    """A latent column as an (N, C, H, W) float32 array (all rows share one shape within a dataset)."""
+    shapes = table.column("latent_shape").to_pylist()
+    if len({tuple(s) for s in shapes}) > 1:
+        raise SchemaError(f"latent shapes differ within the dataset: {sorted({tuple(s) for s in shapes})}")
+    flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return flat.astype(np.float32).reshape(len(shapes), *shapes[0])
