@@ -1,0 +1,82 @@
+"""One preference-optimization step on a batch of pairs, for any backbone and any objective.
+
+This is where models meet the pure maths of :mod:`pipeline.objectives`:
+
+* winners and losers share t and noise; the policy runs **one** batched forward over both;
+* the reference runs one batched forward without gradient — over (winner | c, loser | c) for data targets,
+  and over (winner | c, loser | c, loser | c⁻) for DDSPO's score-space targets;
+* SIPO / DPO-C&M importance weights come from the policy's predictions on the same noised pairs;
+* the SDPO safeguard is computed from output-space gradients inside the objective, or here from exact
+  parameter gradients when ``safeguard.space == "parameter"``.
+
+The caller owns backward, clipping and the optimizer (Ray Train loop, benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..backbones.base import Backbone, cat_conditioning
+from ..objectives import ObjectiveConfig, ObjectiveOutput, ddspo_targets, importance_log_weight, preference_loss
+from ..objectives.safeguard import parameter_space_lambda
+
+
+@dataclass
+class PairBatch:
+    """Winner/loser latents (N, C, H, W), their prompts, and c⁻ for DDSPO objectives."""
+
+    x0_w: Tensor
+    x0_l: Tensor
+    prompts: Sequence[str]
+    perturbed_prompts: Sequence[str] | None = None
+
+    def __post_init__(self):
+        if self.x0_w.shape != self.x0_l.shape or self.x0_w.shape[0] != len(self.prompts):
+            raise ValueError(f"pair batch: winners {tuple(self.x0_w.shape)}, losers {tuple(self.x0_l.shape)} and "
+                             f"{len(self.prompts)} prompts do not line up")
+
+
+def preference_step(backbone: Backbone, cfg: ObjectiveConfig, batch: PairBatch, *,
+                    generator: torch.Generator | None = None) -> ObjectiveOutput:
+    """Forward passes and the objective for one micro-batch; returns the loss (with graph) and metrics."""
+    process = backbone.process
+    device = backbone.device
+    n = len(batch.prompts)
+    x0_w, x0_l = batch.x0_w.to(device).float(), batch.x0_l.to(device).float()
+    t = process.sample_timesteps(n, generator=generator, min_index=1 if cfg.needs_importance_weights else 0).to(device)
+    pair = process.noise_pair(x0_w, x0_l, t, generator=generator)
+    cond = backbone.encode_prompts(batch.prompts)
+    x_t = torch.cat([pair.x_t_w, pair.x_t_l])
+    pred = backbone.predict(x_t, t.repeat(2), cat_conditioning([cond, cond]))
+    policy_w, policy_l = pred.chunk(2)
+
+    if cfg.targets == "ddspo":
+        if batch.perturbed_prompts is None or any(not p for p in batch.perturbed_prompts):
+            raise ValueError("objective.targets='ddspo' needs a perturbed prompt (c⁻) for every pair")
+        cond_minus = backbone.encode_prompts(batch.perturbed_prompts)
+        ref = backbone.predict(torch.cat([x_t, pair.x_t_l]), t.repeat(3),
+                               cat_conditioning([cond, cond, cond_minus]), reference=True)
+        ref_w_c, ref_l_c, ref_l_cminus = ref.chunk(3)
+        tg = ddspo_targets(ref_w_c, ref_l_c, ref_l_cminus)
+        ref_w, ref_l, target_w, target_l = tg.ref_w, tg.ref_l, tg.target_w, tg.target_l
+    else:
+        ref_w, ref_l = backbone.predict(x_t, t.repeat(2), cat_conditioning([cond, cond]), reference=True).chunk(2)
+        target_w, target_l = pair.target_w, pair.target_l
+
+    log_w_w = log_w_l = None
+    if cfg.needs_importance_weights:
+        kw = dict(generator=generator, detach=cfg.detach_weights)
+        log_w_w = importance_log_weight(process, policy_w, pair.x_t_w, x0_w, t, **kw)
+        log_w_l = importance_log_weight(process, policy_l, pair.x_t_l, x0_l, t, **kw)
+
+    loser_scale = None
+    if cfg.safeguard is not None and cfg.safeguard.space == "parameter":
+        loser_scale = parameter_space_lambda(policy_w, target_w, policy_l, target_l, backbone.trainable_parameters(),
+                                             mu=cfg.safeguard.mu)
+    return preference_loss(cfg, policy_w=policy_w, policy_l=policy_l, ref_w=ref_w, ref_l=ref_l, target_w=target_w,
+                           target_l=target_l, log_w_w=log_w_w, log_w_l=log_w_l,
+                           num_train_timesteps=process.num_timesteps, loser_scale=loser_scale)

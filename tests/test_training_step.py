@@ -1,0 +1,55 @@
+"""The preference step through the backbone interface: every preset trains, DDSPO needs c⁻, SDPO spaces agree."""
+
+import pytest
+import torch
+
+from pipeline.objectives import PRESETS, SafeguardConfig, preset
+from pipeline.toyworld import PromptSpec, render_batch, to_tensor
+from pipeline.training import PairBatch, preference_step
+
+SPECS = [PromptSpec("red", "circle", 2, "left"), PromptSpec("blue", "square", 1, "top")]
+
+
+def batch(perturbed=True):
+    win = to_tensor(render_batch(SPECS, [0, 1], 32))
+    lose = to_tensor(render_batch([s.replace(colour="green") for s in SPECS], [2, 3], 32))
+    return PairBatch(win, lose, [s.text for s in SPECS], ["red circles on", "a square top"] if perturbed else None)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_takes_a_step(name, tiny_toy_backbone):
+    bb = tiny_toy_backbone
+    opt = torch.optim.SGD(bb.trainable_parameters(), lr=1e-3)
+    out = preference_step(bb, preset(name).with_safeguard(mu=0.5), batch(), generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    grad = sum(float(p.grad.abs().sum()) for p in bb.trainable_parameters() if p.grad is not None)
+    assert torch.isfinite(out.loss) and grad > 0
+    opt.step()
+    if PRESETS[name].needs_importance_weights:
+        assert "iw_mean" in out.metrics
+
+
+def test_ddspo_requires_perturbed_prompts(tiny_toy_backbone):
+    with pytest.raises(ValueError, match="perturbed prompt"):
+        preference_step(tiny_toy_backbone, preset("ddspo"), batch(perturbed=False))
+
+
+def test_reference_equals_policy_at_start_so_the_logit_is_zero(tiny_toy_backbone):
+    out = preference_step(tiny_toy_backbone, preset("diffusion-dpo"), batch(), generator=torch.Generator().manual_seed(1))
+    assert abs(float(out.metrics["logit_mean"])) < 1e-4
+    assert float(out.loss) == pytest.approx(0.6931, abs=1e-3)  # log 2
+
+
+def test_parameter_space_safeguard_runs_through_the_step(tiny_toy_backbone):
+    cfg = preset("diffusion-dpo").with_safeguard(mu=0.0)
+    cfg_param = preset("diffusion-dpo").with_safeguard(mu=0.0, space="parameter")
+    a = preference_step(tiny_toy_backbone, cfg, batch(), generator=torch.Generator().manual_seed(2))
+    b = preference_step(tiny_toy_backbone, cfg_param, batch(), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a.loss, b.loss)  # the forward value does not depend on λ
+    assert 0.0 <= float(b.metrics["lambda_mean"]) <= 1.0
+
+
+def test_batch_shapes_are_checked():
+    with pytest.raises(ValueError, match="do not line up"):
+        PairBatch(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), ["only one prompt"])
+    assert SafeguardConfig().space == "output"
