@@ -2,7 +2,7 @@
 
 One training step = policy forward on winners+losers (one batched call), reference forward under
 ``inference_mode``, the objective, backward, optimizer step. Variants run interleaved round by round
-(A B C, A B C, …) so machine noise hits all of them alike; the report gives the median step time of each
+(A B C, B C A, C A B, …) so machine noise and order effects hit all of them alike; the report gives the median step time of each
 and ratios to plain DPO (ratio of medians and the median of per-round ratios).
 
     python bench/objectives.py                      # both models, results to bench/results/objectives.md
@@ -110,7 +110,8 @@ def bench_model(name: str, rounds: int, warmup: int) -> dict:
             steps[v]()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(rounds):
-        for v in VARIANTS:
+        order = VARIANTS[r % 3:] + VARIANTS[: r % 3]  # rotate so no variant always follows another
+        for v in order:
             t0 = time.perf_counter()
             steps[v]()
             times[v].append(time.perf_counter() - t0)
@@ -144,7 +145,7 @@ def report(results: list[dict]) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="toy,sd15", help="comma-separated subset of: " + ",".join(MODELS))
-    ap.add_argument("--rounds", type=int, default=0, help="timed rounds per model (default: 30 toy, 5 sd15)")
+    ap.add_argument("--rounds", type=int, default=0, help="timed rounds per model (default: 45 toy, 6 sd15)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "objectives"), help="output path stem (.md, .json)")
     args = ap.parse_args(argv)
@@ -152,7 +153,7 @@ def main(argv=None):
     for name in args.models.split(","):
         if name not in MODELS:
             ap.error(f"--models: unknown model {name!r}; expected a subset of {sorted(MODELS)}")
-        rounds = args.rounds or (30 if name == "toy" else 5)
+        rounds = args.rounds or (45 if name == "toy" else 6)
         print(f"benchmarking {name} ({rounds} rounds)", flush=True)
         results.append(bench_model(name, rounds, args.warmup))
     text = report(results)
