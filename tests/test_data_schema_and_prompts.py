@@ -10,7 +10,7 @@ from pipeline.data.generate import GenerationConfig
 from pipeline.data.perturb import aesthetic_template, perturb, prompt_rng, rand_removal
 from pipeline.data.prompts import load_prompts
 from pipeline.data.schema import PAIR_SCHEMA, SchemaError, latents_of, read_pairs, validate_table
-from pipeline.data.stages import _rows_to_table, pairs_from_rollouts
+from pipeline.data.pairing import _rows_to_table, pairs_from_rollouts
 
 
 def rollout_group(rewards, shape=(3, 4, 4)):
@@ -110,3 +110,29 @@ def test_generation_config_validation_and_overrides(tmp_path):
     (tmp_path / "bad.yaml").write_text("strategy: [unclosed\n")
     with pytest.raises(ValueError, match="bad.yaml is not valid YAML"):
         build_config(GenerationConfig, tmp_path / "bad.yaml")
+
+
+def test_llm_rewrite_with_a_local_causal_lm(tmp_path):
+    """A tiny random GPT-2 saved as a local folder goes through the rewriter's real loading code."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.data.perturb import LLMRewriter
+    from pipeline.data.stages import PerturbPrompts
+    from pipeline.toyworld.reference import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=1, n_head=2,
+                               eos_token_id=3, bos_token_id=2)).save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    prompts = ["two red circles on the left", "a blue square at the top"]
+    out = LLMRewriter(tmp_path / "llm", task="aesthetics", max_new_tokens=6)(prompts, seed=0)
+    assert len(out) == 2 and all(isinstance(o, str) and o and o != p for o, p in zip(out, prompts))
+    stage = PerturbPrompts("llm", seed=0, llm_path=str(tmp_path / "llm"), llm_task="alignment")
+    batch = stage({"prompt": np.array(prompts, dtype=object), "prompt_id": np.array([0, 1])})
+    assert list(batch["perturbed_prompt"]) != prompts
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        LLMRewriter(tmp_path, task="alignment")
+    with pytest.raises(ValueError, match="perturb.llm_task='poetry'"):
+        LLMRewriter(tmp_path / "llm", task="poetry")

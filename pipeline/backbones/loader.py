@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from .base import Backbone
 from .sd3 import SD3Backbone
@@ -40,9 +41,19 @@ def backbone_class(path: str | Path) -> type[Backbone]:
 
 
 def load_backbone(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  lora_rank: int = 0) -> Backbone:
-    """Load any supported local model folder; ``lora_rank > 0`` trains LoRA adapters instead of all weights."""
+                  lora_rank: int = 0, weights: str | Path = "") -> Backbone:
+    """Load any supported local model folder.
+
+    ``weights`` is a trained denoiser (``denoiser.safetensors`` written by the trainer) loaded strictly on
+    top of the folder's — how a round's policy is restored for sampling and evaluation. (Training sets its
+    reference explicitly; see ``pipeline/training/loop.py``.) ``lora_rank > 0`` trains LoRA adapters.
+    """
     backbone = backbone_class(path).from_pretrained(path, device=device, dtype=dtype)
     if lora_rank:
         backbone.enable_lora(rank=lora_rank)
+    if weights:
+        weights = Path(weights)
+        if not weights.is_file():
+            raise FileNotFoundError(f"denoiser weights {weights} do not exist")
+        backbone.denoiser.load_state_dict(load_file(str(weights), device=str(device)), strict=True)
     return backbone

@@ -8,7 +8,7 @@ Strategies:
   pairs above a reward gap; per-prompt statistics are kept.
 * ``ddspo-paired`` — the frozen model renders c and c⁻ with the same seed; label-free pairs.
 * ``rand-positive`` / ``not-paired`` — DDSPO without negative images: only winners are rendered, the
-  loser image is borrowed from another prompt in its group (see :func:`stages.pairs_borrowing_losers`).
+  loser image is borrowed from another prompt in its group (see :func:`pairing.pairs_borrowing_losers`).
 
 The output folder is written atomically with a completion marker and a manifest holding the config; a
 rerun with the same config returns the finished dataset untouched, a rerun with another config refuses
@@ -29,18 +29,20 @@ import ray
 from ..sampling import SamplerConfig
 from ..toyworld.reference import REFERENCE_DIR
 from ..utils.atomic import atomic_directory, is_complete
-from . import stages
+from . import pairing, stages
 from .perturb import PERTURBATIONS
 from .schema import STRATEGIES, read_pairs
 
 MANIFEST = "manifest.json"
 LIGHT_STAGE_CPUS = 0.25
+ROWS_PER_PARTITION = 512
 
 
 @dataclass
 class GenerationConfig:
     model: str = str(REFERENCE_DIR)
-    lora_path: str = ""  # a LoRA adapter folder to load on top of ``model`` (a trained policy)
+    weights: str = ""  # a trained denoiser (denoiser.safetensors) to sample from instead of the folder's
+    lora_rank: int = 0  # the LoRA rank those weights were trained with (0: full fine-tuning)
     prompts: str = "toy:train"  # a .txt / .parquet file or toy:train | toy:heldout | toy:all
     prompt_limit: int = 0
     prompt_repeat: int = 1
@@ -100,41 +102,51 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
     # Light stages reserve a quarter CPU: with Ray's default of one CPU per task, model actors holding
     # their reservation on a small machine would leave no room for the stages that feed them (deadlock).
     light = dict(num_cpus=LIGHT_STAGE_CPUS)
-    ds = ray.data.from_items(load_prompts(cfg.prompts, limit=cfg.prompt_limit, repeat=cfg.prompt_repeat))
+    prompts = load_prompts(cfg.prompts, limit=cfg.prompt_limit, repeat=cfg.prompt_repeat)
+    # Shuffles (groupby, sort) default to 200 partitions: hundreds of tasks for a few hundred rows. Size
+    # them to the data instead, about ROWS_PER_PARTITION rows each.
+    rows = len(prompts) * (cfg.samples_per_prompt if cfg.strategy == "onpolicy" else 1)
+    parts = max(1, min(200, rows // ROWS_PER_PARTITION))
+    # …but give every model actor a few blocks to work on.
+    ds = ray.data.from_items(prompts, override_num_blocks=min(len(prompts), max(parts, 4 * cfg.num_actors)))
 
     if cfg.strategy in ("ddspo-paired", "not-paired"):  # strategies that need c⁻ of the prompt itself
-        llm = dict(compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.cpus_per_actor) if cfg.perturb == "llm" else light
-        ds = ds.map_batches(stages.PerturbPrompts, batch_size=cfg.batch_size, **llm,
-                            fn_constructor_kwargs=dict(method=cfg.perturb, seed=cfg.seed, llm_path=cfg.llm_path,
-                                                       llm_task=cfg.llm_task))
+        if cfg.perturb == "llm":
+            ds = ds.map_batches(stages.PerturbPrompts, batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_actor,
+                                compute=ray.data.ActorPoolStrategy(size=1),
+                                fn_constructor_kwargs=dict(method="llm", seed=cfg.seed, llm_path=cfg.llm_path,
+                                                           llm_task=cfg.llm_task))
+        else:
+            ds = ds.map_batches(pairing.perturb_batch, batch_size=cfg.batch_size, **light,
+                                fn_kwargs=dict(method=cfg.perturb, seed=cfg.seed))
 
     generate = dict(batch_size=cfg.batch_size, compute=pool, num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
     gen_kwargs = dict(model=cfg.model, sampler=cfg.sampler, torch_threads=cfg.torch_threads,
-                      write_png=cfg.write_png, lora_path=cfg.lora_path)
+                      write_png=cfg.write_png, weights=cfg.weights, lora_rank=cfg.lora_rank)
 
     if cfg.strategy == "onpolicy":
-        ds = ds.flat_map(stages.expand_samples, fn_kwargs=dict(samples_per_prompt=cfg.samples_per_prompt,
+        ds = ds.flat_map(pairing.expand_samples, fn_kwargs=dict(samples_per_prompt=cfg.samples_per_prompt,
                                                                seed=cfg.seed, round_=cfg.round), **light)
         ds = ds.map_batches(stages.GenerateImages, fn_constructor_kwargs=dict(columns={"": "prompt"}, **gen_kwargs),
                             **generate)
         ds = ds.map_batches(stages.ScoreImages, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
                             num_cpus=LIGHT_STAGE_CPUS, num_gpus=gpus, fn_constructor_kwargs=dict(reward=cfg.reward))
-        return ds.groupby("prompt_id").map_groups(
-            stages.pairs_from_rollouts, fn_kwargs=dict(pairing=cfg.pairing, min_gap=cfg.min_reward_gap,
+        return ds.groupby("prompt_id", num_partitions=parts).map_groups(
+            pairing.pairs_from_rollouts, fn_kwargs=dict(pairing=cfg.pairing, min_gap=cfg.min_reward_gap,
                                                        round_=cfg.round, policy_version=cfg.policy_version), **light)
 
-    ds = ds.map(lambda row: {**row, "seed": stages.derive_seed(cfg.seed, cfg.round, row["prompt_id"]),
-                             "group": row["prompt_id"] // cfg.group_size}, **light)
+    ds = ds.map(pairing.add_seed_and_group, fn_kwargs=dict(seed=cfg.seed, round_=cfg.round, group_size=cfg.group_size),
+                **light)
     if cfg.strategy == "ddspo-paired":
         ds = ds.map_batches(stages.GenerateImages,
                             fn_constructor_kwargs=dict(columns={"_w": "prompt", "_l": "perturbed_prompt"}, **gen_kwargs),
                             **generate)
-        return ds.map_batches(stages.pairs_from_ddspo, batch_size=cfg.batch_size, **light,
+        return ds.map_batches(pairing.pairs_from_ddspo, batch_size=cfg.batch_size, **light,
                               fn_kwargs=dict(round_=cfg.round, policy_version=cfg.policy_version))
     ds = ds.map_batches(stages.GenerateImages, fn_constructor_kwargs=dict(columns={"": "prompt"}, **gen_kwargs),
                         **generate)
-    return ds.groupby("group").map_groups(
-        stages.pairs_borrowing_losers, fn_kwargs=dict(strategy=cfg.strategy, seed=cfg.seed, round_=cfg.round,
+    return ds.groupby("group", num_partitions=parts).map_groups(
+        pairing.pairs_borrowing_losers, fn_kwargs=dict(strategy=cfg.strategy, seed=cfg.seed, round_=cfg.round,
                                                       policy_version=cfg.policy_version), **light)
 
 

@@ -37,6 +37,7 @@ EMA_FILE = "ema.safetensors"  # EMA of the trainable parameters, by name
 class TrainConfig:
     model: str = str(REFERENCE_DIR)
     init_weights: str = ""  # denoiser.safetensors of a previous round's policy ("" = the model's own weights)
+    reference_weights: str = ""  # the reference's denoiser ("" = the model folder's own weights)
     objective: str = "sipo"
     objective_overrides: dict = field(default_factory=dict)  # e.g. {"beta": 2000}
     sdpo_mu: float = -1.0  # >= 0 enables the SDPO safeguard with this slack
@@ -63,6 +64,7 @@ class TrainConfig:
             ("lr_schedule", self.lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'"),
             ("num_workers", self.num_workers >= 1, ">= 1"), ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
+            ("reference_weights", not (self.reference_weights and self.lora_rank), "'' with LoRA (adapters off)"),
         ]:
             if not ok:
                 raise ValueError(f"train.{name}={getattr(self, name)!r}: expected {expected}")
@@ -144,12 +146,15 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
-    backbone = load_backbone(cfg.model, device=device, lora_rank=cfg.lora_rank)
-    if cfg.init_weights:
-        backbone.denoiser.load_state_dict(load_file(cfg.init_weights), strict=True)
-    if not backbone.uses_lora:
-        with backbone.reference_module():
-            pass  # take the frozen reference copy now, before the denoiser is sharded
+    backbone = load_backbone(cfg.model, device=device)
+    if not cfg.lora_rank:
+        with backbone.reference_module() as ref:  # the frozen reference, taken before sharding
+            if cfg.reference_weights:  # a refreshed reference (e.g. last round's policy)
+                ref.load_state_dict(load_file(cfg.reference_weights, device=str(device)), strict=True)
+    if cfg.lora_rank:
+        backbone.enable_lora(rank=cfg.lora_rank)
+    if cfg.init_weights:  # a previous round's policy (with LoRA: base + adapter keys, as the trainer saves them)
+        backbone.denoiser.load_state_dict(load_file(cfg.init_weights, device=str(device)), strict=True)
     shard_denoiser(backbone.denoiser, device)
     named = [(n, p) for n, p in backbone.denoiser.named_parameters() if p.requires_grad]
     params = [p for _, p in named]

@@ -1,0 +1,216 @@
+"""Online preference rounds (IPO protocol, SIPO appendix F.2): roll out → score → pair → train → evaluate.
+
+Round k samples on-policy pairs from the current policy (the reference for k = 0), trains it with Ray
+Train, and evaluates the new policy on held-out prompts with the same fixed seeds as the reference, so
+the per-round table can report a paired win rate. The reference is fixed, or refreshed to the
+previous round's policy (``reference="refresh"``).
+
+Run directory::
+
+    run_dir/reference_eval/          eval.json, grid.png of the starting model (computed once)
+    run_dir/round_<k>/               policy.safetensors, eval.json, grid.png, train_metrics.json, _COMPLETE
+    run_dir/.round_<k>.work/         the round in progress: pairs (idempotent), Ray Train storage (resumable)
+    run_dir/summary.md, summary.json, curves.png, reward.png
+    run_dir/final_model/             diffusers-format folder of the last policy
+
+A finished round is published by an atomic rename with a completion marker; rerunning the job skips
+finished rounds and resumes an unfinished one (pairs are not regenerated, training resumes from its
+last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import load_backbone
+from .data.generate import GenerationConfig, generate
+from .evaluation import EvalResult, evaluate
+from .sampling import SamplerConfig
+from .toyworld import heldout_specs
+from .toyworld.reference import REFERENCE_DIR
+from .training.loop import EMA_FILE, WEIGHTS_FILE, TrainConfig
+from .training.trainer import run_training
+from .utils.atomic import atomic_directory, atomic_write_bytes, is_complete
+from .utils.plots import plot_curves
+
+POLICY_FILE = "policy.safetensors"
+
+
+@dataclass
+class RoundsConfig:
+    model: str = str(REFERENCE_DIR)
+    rounds: int = 3
+    reference: str = "fixed"  # fixed | refresh
+    generation: dict = field(default_factory=dict)  # GenerationConfig overrides (prompts, K, sampler, …)
+    train: dict = field(default_factory=dict)  # TrainConfig overrides (objective, lr, max_steps, …)
+    eval_prompts: int = 48  # held-out prompts (all 48 by default)
+    eval_samples: int = 4
+    eval_sampler: dict = field(default_factory=lambda: asdict(SamplerConfig()))
+
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise ValueError(f"rounds={self.rounds}: expected >= 1")
+        if self.reference not in ("fixed", "refresh"):
+            raise ValueError(f"reference={self.reference!r}: expected 'fixed' or 'refresh'")
+        self.generation_config(0, "")  # validate the overrides early
+        self.train_config("", "")
+
+    def generation_config(self, k: int, weights: str) -> GenerationConfig:
+        base = dict(model=self.model, strategy="onpolicy", policy_version=f"round_{k - 1}" if weights else "reference")
+        return GenerationConfig(**{**base, **self.generation, "round": k, "weights": weights,
+                                   "lora_rank": self.lora_rank if weights else 0})
+
+    @property
+    def lora_rank(self) -> int:
+        return int(self.train.get("lora_rank", 0))
+
+    def train_config(self, init: str, reference: str) -> TrainConfig:
+        return TrainConfig(**{**self.train, "model": self.model, "init_weights": init, "reference_weights": reference})
+
+
+def win_rate(policy: np.ndarray, reference: np.ndarray) -> float:
+    """Paired by (prompt, seed): the share of samples the policy scores higher on (ties count half)."""
+    return float(((policy > reference) + 0.5 * (policy == reference)).mean())
+
+
+def _evaluate(cfg: RoundsConfig, weights: str, out: Path) -> EvalResult:
+    backbone = load_backbone(cfg.model, weights=weights, lora_rank=cfg.lora_rank if weights else 0)
+    specs = list(heldout_specs())[: cfg.eval_prompts]
+    result, _ = evaluate(backbone, specs, samples_per_prompt=cfg.eval_samples, sampler=SamplerConfig(**cfg.eval_sampler),
+                         grid_path=out / "grid.png", progress=False)
+    atomic_write_bytes(out / "eval.json", json.dumps(result.to_dict(), indent=1).encode())
+    return result
+
+
+def _load_eval(path: Path) -> dict:
+    return json.loads((path / "eval.json").read_text())
+
+
+def run_rounds(cfg: RoundsConfig, run_dir: str | Path, *, log=print) -> list[dict]:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ref_dir = run_dir / "reference_eval"
+    if not is_complete(ref_dir):
+        with atomic_directory(ref_dir, marker=True) as tmp:
+            log("evaluating the reference on held-out prompts")
+            _evaluate(cfg, "", tmp)
+    ref_eval = _load_eval(ref_dir)
+    rows = [_summary_row("reference", ref_eval, ref_eval, {})]
+    policy = ""
+    for k in range(cfg.rounds):
+        final = run_dir / f"round_{k}"
+        if is_complete(final):
+            log(f"round {k}: complete, skipped")
+        else:
+            _run_round(cfg, k, policy, run_dir, log)
+        policy = str(final / POLICY_FILE)
+        rows.append(_summary_row(f"round {k}", _load_eval(final), ref_eval,
+                                 json.loads((final / "train_metrics.json").read_text())))
+        _write_summary(run_dir, rows)
+    _export(cfg, policy, run_dir / "final_model")
+    return rows
+
+
+def _run_round(cfg: RoundsConfig, k: int, policy: str, run_dir: Path, log) -> None:
+    work = run_dir / f".round_{k}.work"
+    work.mkdir(exist_ok=True)
+    log(f"round {k}: generating on-policy pairs")
+    manifest = generate(cfg.generation_config(k, policy), work / "pairs")
+    reference = policy if cfg.reference == "refresh" else ""
+    log(f"round {k}: training on {manifest['num_pairs']} pairs")
+    result = run_training(cfg.train_config(policy, reference), work / "pairs" / "pairs", work / "ray", "train")
+    with result.checkpoint.as_directory() as d:
+        use_ema = (Path(d) / EMA_FILE).exists()
+        weights = _merge_ema(Path(d)) if use_ema else Path(d) / WEIGHTS_FILE
+        shutil.copy(weights, work / POLICY_FILE)
+    history = _history(result)
+    log(f"round {k}: evaluating the policy")
+    with atomic_directory(run_dir / f"round_{k}", marker=True) as tmp:
+        _evaluate(cfg, str(work / POLICY_FILE), tmp)
+        shutil.copy(work / POLICY_FILE, tmp / POLICY_FILE)
+        shutil.copy(work / "pairs" / "manifest.json", tmp / "pairs_manifest.json")
+        (tmp / "train_metrics.json").write_text(json.dumps({"last": result.metrics, "history": history}, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _merge_ema(ckpt: Path) -> Path:
+    """The full denoiser with its trainable parameters replaced by their EMA (what gets evaluated)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(ckpt / WEIGHTS_FILE))
+    weights.update(load_file(str(ckpt / EMA_FILE)))
+    out = ckpt / "merged.safetensors"
+    save_file(weights, str(out))
+    return out
+
+
+def _history(result) -> list[dict]:
+    df = getattr(result, "metrics_dataframe", None)
+    if df is None or len(df) == 0:
+        return [result.metrics]
+    return json.loads(df.to_json(orient="records"))
+
+
+def _summary_row(name: str, ev: dict, ref: dict, train: dict) -> dict:
+    last = train.get("last", {})
+    return {
+        "round": name,
+        "reward": ev["reward"], "overall": ev["overall"],
+        **{a: ev["attributes"][a]["mean"] for a in ("colour", "shape", "count", "position")},
+        "win_rate_vs_ref": win_rate(np.array(ev["rewards"]), np.array(ref["rewards"])),
+        "loss": last.get("loss"), "implicit_acc": last.get("implicit_acc"), "lambda": last.get("lambda_mean"),
+        "iw_mean": last.get("iw_mean"), "masked_frac": last.get("masked_frac"),
+        "history": train.get("history", []),
+    }
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _write_summary(run_dir: Path, rows: list[dict]) -> None:
+    head = ("| round | reward [95% CI] | all 4 | colour | shape | count | position | win vs ref | loss | "
+            "impl. acc | λ | w̄ | masked |\n|" + "---|" * 13)
+    lines = [head]
+    for r in rows:
+        rw = r["reward"]
+        lines.append(f"| {r['round']} | {rw['mean']:.3f} [{rw['ci_low']:.3f}, {rw['ci_high']:.3f}] | "
+                     f"{r['overall']['mean']:.3f} | {_fmt(r['colour'])} | {_fmt(r['shape'])} | {_fmt(r['count'])} | "
+                     f"{_fmt(r['position'])} | {_fmt(r['win_rate_vs_ref'])} | {_fmt(r['loss'])} | "
+                     f"{_fmt(r['implicit_acc'])} | {_fmt(r['lambda'])} | {_fmt(r['iw_mean'])} | {_fmt(r['masked_frac'])} |")
+    table = "\n".join(lines) + "\n"
+    atomic_write_bytes(run_dir / "summary.md", table.encode())
+    atomic_write_bytes(run_dir / "summary.json", json.dumps(rows, indent=1, default=str).encode())
+    plot_curves({"held-out reward": (list(range(len(rows))), [r["reward"]["mean"] for r in rows])},
+                run_dir / "reward.png", xlabel="round (0 = reference)", title="held-out reward per round")
+    curves = {}
+    offset = 0
+    for r in rows[1:]:
+        hist = [h for h in r["history"] if h.get("loss") is not None]
+        for key in ("loss", "implicit_acc", "lambda_mean"):
+            xs, ys = curves.setdefault(key, ([], []))
+            xs.extend(offset + h.get("step", i) for i, h in enumerate(hist))
+            ys.extend(h.get(key, float("nan")) for h in hist)
+        offset += max([h.get("step", 0) for h in hist] + [0])
+    if curves:
+        plot_curves(curves, run_dir / "curves.png", xlabel="optimizer step (all rounds)", title="training curves")
+    print(table)
+
+
+def _export(cfg: RoundsConfig, policy: str, out: Path) -> None:
+    """The last policy as a model folder in the base model's format (loadable by ``load_backbone``);
+    with LoRA the folder holds the base model and the adapter in ``unet_lora/`` (diffusers format)."""
+    backbone = load_backbone(cfg.model, weights=policy, lora_rank=cfg.lora_rank)
+    with atomic_directory(out) as tmp:
+        if cfg.lora_rank:
+            backbone.denoiser.save_lora_adapter(str(tmp / "unet_lora"))
+            backbone.denoiser.disable_adapters()
+        backbone.save_pretrained(tmp)
+        index = Path(cfg.model) / "model_index.json"
+        if index.exists():
+            shutil.copy(index, tmp / "model_index.json")
