@@ -6,7 +6,7 @@ whole run (model loading included, Ray's one-off ``ray.init`` excluded). Variant
 repeated; the report gives medians and the ratio to the loop.
 
     python bench/generation.py                  # results to bench/results/generation.md
-    python bench/generation.py --prompts 24 --repeats 1
+    python bench/generation.py --prompts 48 --steps 10 --repeats 2     # a small run: fixed costs dominate
 
 On the 2-core machine one actor gets both cores (``torch_threads=2``); with two actors each gets one,
 so the scaling row shows Ray's overhead rather than a speed-up — on a GPU cluster each actor is a GPU.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.backbones import load_backbone  # noqa: E402
 from pipeline.data.generate import GenerationConfig, generate  # noqa: E402
 from pipeline.data.prompts import load_prompts  # noqa: E402
-from pipeline.data.stages import derive_seed, pairs_from_rollouts  # noqa: E402
+from pipeline.data.pairing import derive_seed, pairs_from_rollouts  # noqa: E402
 from pipeline.rewards import build_reward  # noqa: E402
 from pipeline.sampling import SamplerConfig, sample  # noqa: E402
 
@@ -69,11 +69,11 @@ def ray_pairs(cfg: GenerationConfig) -> int:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=48, help="prompts (each gets K rollouts)")
+    ap.add_argument("--prompts", type=int, default=168, help="prompts (each gets K rollouts)")
     ap.add_argument("--k", type=int, default=4, help="rollouts per prompt")
-    ap.add_argument("--steps", type=int, default=10, help="sampling steps")
+    ap.add_argument("--steps", type=int, default=20, help="sampling steps")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved repetitions of every variant")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved repetitions of every variant")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generation"))
     args = ap.parse_args(argv)
     import ray
@@ -101,7 +101,8 @@ def main(argv=None):
         "# Pair generation throughput: Ray Data vs an in-process loop", "",
         f"{args.prompts} toy prompts × K={args.k} rollouts, {args.steps} DDIM steps with CFG, batch {args.batch_size}, "
         f"toy verifiable reward, best-vs-worst pairs. {platform.machine()}, 2 CPU cores, torch {torch.__version__}. "
-        f"Median of {args.repeats} interleaved runs; model loading included. Produced by `python bench/generation.py`.", "",
+        f"Median of {args.repeats} interleaved runs; model loading included. Produced by "
+        f"`python bench/generation.py {' '.join(sys.argv[1:] if argv is None else argv)}`.", "",
         "| variant | pairs | median time (s) | pairs/s | ratio to loop |", "|---|---|---|---|---|",
     ]
     for v in variants:

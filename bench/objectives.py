@@ -145,7 +145,7 @@ def report(results: list[dict]) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="toy,sd15", help="comma-separated subset of: " + ",".join(MODELS))
-    ap.add_argument("--rounds", type=int, default=0, help="timed rounds per model (default: 45 toy, 6 sd15)")
+    ap.add_argument("--rounds", type=int, default=0, help="timed rounds per model (default: 30 toy, 4 sd15)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "objectives"), help="output path stem (.md, .json)")
     args = ap.parse_args(argv)
@@ -153,7 +153,7 @@ def main(argv=None):
     for name in args.models.split(","):
         if name not in MODELS:
             ap.error(f"--models: unknown model {name!r}; expected a subset of {sorted(MODELS)}")
-        rounds = args.rounds or (45 if name == "toy" else 6)
+        rounds = args.rounds or (30 if name == "toy" else 4)
         print(f"benchmarking {name} ({rounds} rounds)", flush=True)
         results.append(bench_model(name, rounds, args.warmup))
     text = report(results)

@@ -81,15 +81,19 @@ def parameter_space_lambda(
     g_l = (pred_l.detach().float() - target_l.float()) / pred_l[0].numel() / pred_l.shape[0]
     grad_w = torch.autograd.grad(pred_w, params, grad_outputs=g_w.to(pred_w.dtype), retain_graph=True, allow_unused=True)
     grad_l = torch.autograd.grad(pred_l, params, grad_outputs=g_l.to(pred_l.dtype), retain_graph=True, allow_unused=True)
-    ww = pred_w.new_zeros((), dtype=torch.float64)
-    wl = pred_w.new_zeros((), dtype=torch.float64)
+    # Per-parameter dot products in fp32 (no float64 copy of ~1e9 gradient entries), summed in float64,
+    # kept on the device (one host sync when λ is used, not one per parameter).
+    ww, wl = [], []
     for a, b in zip(grad_w, grad_l):
         if a is None:
             continue
-        ww += a.double().pow(2).sum()
+        a = a.reshape(-1).float()
+        ww.append(torch.dot(a, a))
         if b is not None:
-            wl += (a.double() * b.double()).sum()
-    return _safe_ratio(ww, wl, mu).float()
+            wl.append(torch.dot(a, b.reshape(-1).float()))
+    zero = pred_w.new_zeros((), dtype=torch.float64)
+    total = lambda xs: torch.stack(xs).double().sum() if xs else zero  # noqa: E731
+    return _safe_ratio(total(ww), total(wl), mu).float()
 
 
 def lambda_stats(lam: Tensor) -> dict[str, Tensor]:
