@@ -46,16 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace):
-    from pipeline.config import apply_overrides, read_config_file
+    from pipeline.config import UnknownConfigField, build_config
     from pipeline.rounds import RoundsConfig
 
-    data = read_config_file(args.config) if args.config else EMBEDDED_DEFAULT
-    data = apply_overrides(data, args.set)
-    known = set(RoundsConfig.__dataclass_fields__)
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise SystemExit(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
-    return RoundsConfig(**data)
+    try:
+        return build_config(RoundsConfig, args.config, args.set, base=EMBEDDED_DEFAULT)
+    except UnknownConfigField as err:
+        raise SystemExit(str(err)) from err
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
@@ -50,12 +50,18 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def build_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults ← file ← overrides; unknown field names are an error that lists the known ones."""
-    data = read_config_file(path) if path else {}
+class UnknownConfigField(ValueError):
+    """A config names a field the dataclass does not have."""
+
+
+def build_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                 base: Mapping[str, Any] | None = None) -> T:
+    """Defaults ← file (or ``base`` when no file is given) ← overrides; unknown field names are an error
+    that lists the known ones."""
+    data = read_config_file(path) if path else dict(base or {})
     defaults = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
     merged = apply_overrides({**defaults, **data}, overrides)
     unknown = sorted(set(merged) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(defaults)}")
+        raise UnknownConfigField(f"unknown config field(s) {unknown}; known fields: {sorted(defaults)}")
     return cls(**merged)
