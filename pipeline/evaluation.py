@@ -1,4 +1,5 @@
-"""Evaluation on the toy world: sample prompts with fixed seeds, score with the verifiable reward.
+"""Evaluation: sample held-out prompts with fixed seeds and score them — with the toy world's verifiable
+reward (reward, all-four-attributes rate and each attribute) or with any reward model (``reward=``).
 
 Images of one prompt are correlated, so confidence intervals come from a bootstrap over *prompts*
 (resample prompts with replacement, recompute the mean), not over images. Seeds are a fixed function of
@@ -15,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .backbones.base import Backbone
+from .rewards.base import RewardModel
 from .sampling import SamplerConfig, SampleOutput, sample
 from .toyworld import ATTRIBUTES, PromptSpec, from_tensor, heldout_specs, score
 from .utils.plots import save_labelled_grid
@@ -54,10 +56,10 @@ class EvalResult:
     num_prompts: int
     samples_per_prompt: int
     reward: Metric
-    overall: Metric  # GenEval-strict: all four attributes right
-    attributes: dict[str, Metric]
+    overall: Metric | None  # GenEval-strict: all four attributes right (toy world only)
+    attributes: dict[str, Metric]  # per attribute (toy world only)
     best_of_k_reward: Metric  # mean over prompts of the best sample's reward
-    best_of_k_overall: Metric
+    best_of_k_overall: Metric | None
     rewards: np.ndarray = field(repr=False)  # (prompts, samples)
 
     def to_dict(self) -> dict:
@@ -68,43 +70,53 @@ class EvalResult:
     def table(self, name: str = "model") -> str:
         rows = [
             f"| {name} | reward | {self.reward} |",
-            f"| {name} | overall (all 4 attributes) | {self.overall} |",
+            *([f"| {name} | overall (all 4 attributes) | {self.overall} |"] if self.overall else []),
             *(f"| {name} | {a} | {m} |" for a, m in self.attributes.items()),
             f"| {name} | best-of-{self.samples_per_prompt} reward | {self.best_of_k_reward} |",
-            f"| {name} | best-of-{self.samples_per_prompt} overall | {self.best_of_k_overall} |",
+            *([f"| {name} | best-of-{self.samples_per_prompt} overall | {self.best_of_k_overall} |"]
+              if self.best_of_k_overall else []),
         ]
         return "| model | metric | mean [95% CI over prompts] |\n|---|---|---|\n" + "\n".join(rows)
 
 
-def score_samples(specs: Sequence[PromptSpec], out: SampleOutput, per_prompt: int) -> EvalResult:
-    prompts = [s.text for s in specs for _ in range(per_prompt)]
-    res = score(out.images, prompts)
-    shape = (len(specs), per_prompt)
-    reward = np.asarray(res.reward, dtype=float).reshape(shape)
+def score_samples(prompts: Sequence[PromptSpec | str], out: SampleOutput, per_prompt: int,
+                  reward: RewardModel | None = None) -> EvalResult:
+    """Score ``per_prompt`` samples of each prompt: with the toy detector (``reward=None``: reward, overall
+    and per-attribute) or with a reward model (reward only)."""
+    texts = [p.text if isinstance(p, PromptSpec) else p for p in prompts for _ in range(per_prompt)]
+    shape = (len(prompts), per_prompt)
+    if reward is not None:
+        values = np.asarray(reward(out.images, texts), dtype=float).reshape(shape)
+        return EvalResult(num_prompts=len(prompts), samples_per_prompt=per_prompt, reward=Metric.of(values),
+                          overall=None, attributes={}, best_of_k_reward=Metric.of(values.max(1)),
+                          best_of_k_overall=None, rewards=values)
+    res = score(out.images, texts)
+    reward_ = np.asarray(res.reward, dtype=float).reshape(shape)
     overall = np.asarray(res.overall, dtype=float).reshape(shape)
-    best = reward.argmax(1)
+    best = reward_.argmax(1)
     return EvalResult(
-        num_prompts=len(specs), samples_per_prompt=per_prompt,
-        reward=Metric.of(reward), overall=Metric.of(overall),
+        num_prompts=len(prompts), samples_per_prompt=per_prompt,
+        reward=Metric.of(reward_), overall=Metric.of(overall),
         attributes={a: Metric.of(np.asarray(getattr(res, a), dtype=float).reshape(shape)) for a in ATTRIBUTES},
-        best_of_k_reward=Metric.of(reward.max(1)),
-        best_of_k_overall=Metric.of(overall[np.arange(len(specs)), best]),
-        rewards=reward,
+        best_of_k_reward=Metric.of(reward_.max(1)),
+        best_of_k_overall=Metric.of(overall[np.arange(len(prompts)), best]),
+        rewards=reward_,
     )
 
 
-def evaluate(backbone: Backbone, specs: Sequence[PromptSpec] | None = None, *, samples_per_prompt: int = 4,
+def evaluate(backbone: Backbone, prompts: Sequence[PromptSpec | str] | None = None, *, samples_per_prompt: int = 4,
              sampler: SamplerConfig = SamplerConfig(), reference: bool = False, grid_path: str | Path | None = None,
-             grid_prompts: int = 12, progress: bool = True) -> tuple[EvalResult, SampleOutput]:
-    """Sample ``samples_per_prompt`` images per prompt (held-out prompts by default) and score them."""
-    specs = list(heldout_specs() if specs is None else specs)
-    prompts = [s.text for s in specs for _ in range(samples_per_prompt)]
-    out = sample(backbone, prompts, eval_seeds(len(specs), samples_per_prompt), sampler,
-                 reference=reference, progress=progress)
-    result = score_samples(specs, out, samples_per_prompt)
+             grid_prompts: int = 12, progress: bool = True, reward: RewardModel | None = None,
+             ) -> tuple[EvalResult, SampleOutput]:
+    """Sample ``samples_per_prompt`` images per prompt (the toy held-out prompts by default) and score them
+    (the toy detector, or ``reward``)."""
+    prompts = list(heldout_specs() if prompts is None else prompts)
+    texts = [p.text if isinstance(p, PromptSpec) else p for p in prompts]
+    out = sample(backbone, [t for t in texts for _ in range(samples_per_prompt)],
+                 eval_seeds(len(prompts), samples_per_prompt), sampler, reference=reference, progress=progress)
+    result = score_samples(prompts, out, samples_per_prompt, reward)
     if grid_path is not None:
-        rows = min(grid_prompts, len(specs))
+        rows = min(grid_prompts, len(prompts))
         images = from_tensor(out.images[: rows * samples_per_prompt])
-        save_labelled_grid(images, [s.text for s in specs[:rows]], samples_per_prompt, grid_path,
-                           scores=result.rewards[:rows])
+        save_labelled_grid(images, texts[:rows], samples_per_prompt, grid_path, scores=result.rewards[:rows])
     return result, out

@@ -22,18 +22,22 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .backbones import load_backbone
 from .data.generate import GenerationConfig, generate
-from .evaluation import EvalResult, evaluate
+from .data.prompts import load_prompts
+from .evaluation import evaluate
+from .rewards import build_reward
+from .export import checkpoint_history, export_model, policy_from_checkpoint
 from .sampling import SamplerConfig
-from .toyworld import heldout_specs
 from .toyworld.reference import REFERENCE_DIR
-from .training.loop import EMA_FILE, WEIGHTS_FILE, TrainConfig
+from .training.loop import TrainConfig
 from .training.trainer import run_training
 from .utils.atomic import atomic_directory, atomic_write_bytes, is_complete
 from .utils.plots import plot_curves
@@ -48,7 +52,9 @@ class RoundsConfig:
     reference: str = "fixed"  # fixed | refresh
     generation: dict = field(default_factory=dict)  # GenerationConfig overrides (prompts, K, sampler, …)
     train: dict = field(default_factory=dict)  # TrainConfig overrides (objective, lr, max_steps, …)
-    eval_prompts: int = 48  # held-out prompts (all 48 by default)
+    eval_prompt_source: str = "toy:heldout"  # held-out prompts: a .txt / .parquet file or a toy:* source
+    eval_prompts: int = 48  # how many of them (0 = all)
+    eval_reward: Any = None  # a reward spec; None = the generation's reward (toy: per-attribute scores too)
     eval_samples: int = 4
     eval_sampler: dict = field(default_factory=lambda: asdict(SamplerConfig()))
 
@@ -57,6 +63,9 @@ class RoundsConfig:
             raise ValueError(f"rounds={self.rounds}: expected >= 1")
         if self.reference not in ("fixed", "refresh"):
             raise ValueError(f"reference={self.reference!r}: expected 'fixed' or 'refresh'")
+        if self.reference == "refresh" and self.lora_rank:
+            raise ValueError("reference='refresh' with train.lora_rank > 0: the LoRA reference is the base model "
+                             "(adapters off); use reference='fixed' or full fine-tuning")
         self.generation_config(0, "")  # validate the overrides early
         self.train_config("", "")
 
@@ -78,13 +87,37 @@ def win_rate(policy: np.ndarray, reference: np.ndarray) -> float:
     return float(((policy > reference) + 0.5 * (policy == reference)).mean())
 
 
-def _evaluate(cfg: RoundsConfig, weights: str, out: Path) -> EvalResult:
-    backbone = load_backbone(cfg.model, weights=weights, lora_rank=cfg.lora_rank if weights else 0)
-    specs = list(heldout_specs())[: cfg.eval_prompts]
-    result, _ = evaluate(backbone, specs, samples_per_prompt=cfg.eval_samples, sampler=SamplerConfig(**cfg.eval_sampler),
-                         grid_path=out / "grid.png", progress=False)
-    atomic_write_bytes(out / "eval.json", json.dumps(result.to_dict(), indent=1).encode())
-    return result
+def _eval_reward(cfg: RoundsConfig):
+    """None (the toy detector, with its per-attribute scores) or a reward model."""
+    spec = cfg.eval_reward if cfg.eval_reward is not None else cfg.generation_config(0, "").reward
+    return None if isinstance(spec, dict) and spec.get("name") == "toy" else build_reward(spec)
+
+
+def _evaluate_here(cfg: RoundsConfig, weights: str) -> tuple[dict, bytes]:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backbone = load_backbone(cfg.model, device=device, weights=weights, lora_rank=cfg.lora_rank if weights else 0)
+    prompts = [r["prompt"] for r in load_prompts(cfg.eval_prompt_source, limit=cfg.eval_prompts)]
+    with tempfile.TemporaryDirectory() as d:
+        result, _ = evaluate(backbone, prompts, samples_per_prompt=cfg.eval_samples,
+                             sampler=SamplerConfig(**cfg.eval_sampler), grid_path=Path(d) / "grid.png",
+                             progress=False, reward=_eval_reward(cfg))
+        return result.to_dict(), (Path(d) / "grid.png").read_bytes()
+
+
+def _evaluate(cfg: RoundsConfig, weights: str, out: Path) -> dict:
+    """Evaluate in this process, or — when the cluster has GPUs and this driver has none — in a one-GPU task."""
+    import ray
+    import torch
+
+    if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) and not torch.cuda.is_available():
+        report, grid = ray.get(ray.remote(num_gpus=1)(_evaluate_here).remote(cfg, weights))
+    else:
+        report, grid = _evaluate_here(cfg, weights)
+    atomic_write_bytes(out / "grid.png", grid)
+    atomic_write_bytes(out / "eval.json", json.dumps(report, indent=1).encode())
+    return report
 
 
 def _load_eval(path: Path) -> dict:
@@ -112,7 +145,7 @@ def run_rounds(cfg: RoundsConfig, run_dir: str | Path, *, log=print) -> list[dic
         rows.append(_summary_row(f"round {k}", _load_eval(final), ref_eval,
                                  json.loads((final / "train_metrics.json").read_text())))
         _write_summary(run_dir, rows)
-    _export(cfg, policy, run_dir / "final_model")
+    export_model(cfg.model, policy, run_dir / "final_model", lora_rank=cfg.lora_rank)
     return rows
 
 
@@ -125,10 +158,8 @@ def _run_round(cfg: RoundsConfig, k: int, policy: str, run_dir: Path, log) -> No
     log(f"round {k}: training on {manifest['num_pairs']} pairs")
     result = run_training(cfg.train_config(policy, reference), work / "pairs" / "pairs", work / "ray", "train")
     with result.checkpoint.as_directory() as d:
-        use_ema = (Path(d) / EMA_FILE).exists()
-        weights = _merge_ema(Path(d)) if use_ema else Path(d) / WEIGHTS_FILE
-        shutil.copy(weights, work / POLICY_FILE)
-    history = _history(result)
+        policy_from_checkpoint(d, work / POLICY_FILE)
+        history = checkpoint_history(d)
     log(f"round {k}: evaluating the policy")
     with atomic_directory(run_dir / f"round_{k}", marker=True) as tmp:
         _evaluate(cfg, str(work / POLICY_FILE), tmp)
@@ -138,30 +169,12 @@ def _run_round(cfg: RoundsConfig, k: int, policy: str, run_dir: Path, log) -> No
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _merge_ema(ckpt: Path) -> Path:
-    """The full denoiser with its trainable parameters replaced by their EMA (what gets evaluated)."""
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(str(ckpt / WEIGHTS_FILE))
-    weights.update(load_file(str(ckpt / EMA_FILE)))
-    out = ckpt / "merged.safetensors"
-    save_file(weights, str(out))
-    return out
-
-
-def _history(result) -> list[dict]:
-    df = getattr(result, "metrics_dataframe", None)
-    if df is None or len(df) == 0:
-        return [result.metrics]
-    return json.loads(df.to_json(orient="records"))
-
-
 def _summary_row(name: str, ev: dict, ref: dict, train: dict) -> dict:
     last = train.get("last", {})
     return {
         "round": name,
         "reward": ev["reward"], "overall": ev["overall"],
-        **{a: ev["attributes"][a]["mean"] for a in ("colour", "shape", "count", "position")},
+        **{a: ev["attributes"].get(a, {}).get("mean") for a in ("colour", "shape", "count", "position")},
         "win_rate_vs_ref": win_rate(np.array(ev["rewards"]), np.array(ref["rewards"])),
         "loss": last.get("loss"), "implicit_acc": last.get("implicit_acc"), "lambda": last.get("lambda_mean"),
         "iw_mean": last.get("iw_mean"), "masked_frac": last.get("masked_frac"),
@@ -180,7 +193,7 @@ def _write_summary(run_dir: Path, rows: list[dict]) -> None:
     for r in rows:
         rw = r["reward"]
         lines.append(f"| {r['round']} | {rw['mean']:.3f} [{rw['ci_low']:.3f}, {rw['ci_high']:.3f}] | "
-                     f"{r['overall']['mean']:.3f} | {_fmt(r['colour'])} | {_fmt(r['shape'])} | {_fmt(r['count'])} | "
+                     f"{_fmt((r['overall'] or {}).get('mean'))} | {_fmt(r['colour'])} | {_fmt(r['shape'])} | {_fmt(r['count'])} | "
                      f"{_fmt(r['position'])} | {_fmt(r['win_rate_vs_ref'])} | {_fmt(r['loss'])} | "
                      f"{_fmt(r['implicit_acc'])} | {_fmt(r['lambda'])} | {_fmt(r['iw_mean'])} | {_fmt(r['masked_frac'])} |")
     table = "\n".join(lines) + "\n"
@@ -200,17 +213,3 @@ def _write_summary(run_dir: Path, rows: list[dict]) -> None:
     if curves:
         plot_curves(curves, run_dir / "curves.png", xlabel="optimizer step (all rounds)", title="training curves")
     print(table)
-
-
-def _export(cfg: RoundsConfig, policy: str, out: Path) -> None:
-    """The last policy as a model folder in the base model's format (loadable by ``load_backbone``);
-    with LoRA the folder holds the base model and the adapter in ``unet_lora/`` (diffusers format)."""
-    backbone = load_backbone(cfg.model, weights=policy, lora_rank=cfg.lora_rank)
-    with atomic_directory(out) as tmp:
-        if cfg.lora_rank:
-            backbone.denoiser.save_lora_adapter(str(tmp / "unet_lora"))
-            backbone.denoiser.disable_adapters()
-        backbone.save_pretrained(tmp)
-        index = Path(cfg.model) / "model_index.json"
-        if index.exists():
-            shutil.copy(index, tmp / "model_index.json")

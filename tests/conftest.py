@@ -27,3 +27,32 @@ def tiny_toy_backbone(tiny_toy_model_dir):
     from pipeline.backbones import UNetBackbone
 
     return UNetBackbone.from_pretrained(tiny_toy_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs(tiny_toy_model_dir, tmp_path_factory):
+    """A small DDSPO pairs dataset (8 prompts) from the tiny model, on a private local Ray that stays up for
+    the module (Ray Train runs on it)."""
+    import ray
+
+    from pipeline.data.generate import GenerationConfig, generate
+
+    ray.init(address="local", num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    out = tmp_path_factory.mktemp("pairs") / "ddspo"
+    generate(GenerationConfig(model=str(tiny_toy_model_dir), strategy="ddspo-paired", prompt_limit=8, batch_size=8,
+                              sampler={"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}), out)
+    yield out / "pairs"
+    ray.shutdown()
+
+
+@pytest.fixture()
+def tiny_train_config(tiny_toy_model_dir):
+    """``make(**overrides)``: a fast TrainConfig for the tiny model."""
+    from pipeline.training.loop import TrainConfig
+
+    def make(**kw):
+        base = dict(model=str(tiny_toy_model_dir), objective="ddspo", sdpo_mu=0.5, lr=1e-3, max_steps=2, batch_size=2,
+                    checkpoint_every=2, ema_decay=0.9)
+        return TrainConfig(**{**base, **kw})
+
+    return make

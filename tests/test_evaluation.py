@@ -47,3 +47,17 @@ def test_evaluate_writes_a_grid(tiny_toy_backbone, tmp_path):
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again, _ = evaluate(tiny_toy_backbone, specs, samples_per_prompt=2, sampler=SamplerConfig(num_steps=3), progress=False)
     assert np.array_equal(again.rewards, res.rewards)  # fixed seeds: a re-evaluation is identical
+
+
+def test_score_samples_with_any_reward_model_reports_reward_only():
+    from pipeline.rewards import build_reward
+
+    specs = [PromptSpec("red", "circle", 2, "left"), PromptSpec("blue", "square", 1, "top")]
+    images = to_tensor(render_batch([specs[0], specs[0], specs[1], specs[1]], [0, 1, 2, 3], 32))
+    out = SampleOutput(images=images, latents=images, log_probs=torch.zeros(4, 1), timesteps=torch.zeros(1))
+    toy = build_reward({"name": "toy"})  # the detector behind the RewardModel interface: same rewards
+    texts = [s.text for s in specs]
+    res = score_samples(texts, out, per_prompt=2, reward=toy)
+    assert res.overall is None and res.attributes == {} and res.rewards.shape == (2, 2)
+    np.testing.assert_allclose(res.rewards, score_samples(specs, out, per_prompt=2).rewards, atol=1e-6)
+    assert "overall" not in res.table() and "best-of-2 reward" in res.table()

@@ -57,3 +57,34 @@ def test_job_config_errors_name_the_field(capsys):
         iterative_sipo.build(iterative_sipo.parse_args(["--set", "train.lr=-1"]))
     cfg = iterative_sipo.build(iterative_sipo.parse_args(["--set", "rounds=5", "train.objective=dmpo"]))
     assert cfg.rounds == 5 and cfg.train["objective"] == "dmpo" and cfg.generation["samples_per_prompt"] == 4
+
+
+def test_two_lora_rounds_roll_out_and_train_from_the_adapter(tiny_toy_model_dir, tmp_path):
+    """Round 1 samples from round 0's LoRA policy and trains on from it; the export merges the adapter."""
+    ray.init(num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    cfg = RoundsConfig(
+        model=str(tiny_toy_model_dir), rounds=2, eval_prompts=2, eval_samples=2,
+        eval_sampler={"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 16},
+        generation={"prompt_limit": 8, "samples_per_prompt": 2, "batch_size": 8,
+                    "sampler": {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}},
+        train={"objective": "sipo", "lora_rank": 4, "lr": 1e-2, "max_steps": 2, "batch_size": 2, "checkpoint_every": 2},
+    )
+    run_rounds(cfg, tmp_path / "run", log=lambda _: None)
+    run = tmp_path / "run"
+    manifest = json.loads((run / "round_1" / "pairs_manifest.json").read_text())
+    assert manifest["config"]["weights"].endswith("round_0/policy.safetensors")
+    assert manifest["config"]["lora_rank"] == 4
+    from safetensors.torch import load_file
+
+    p0, p1 = (load_file(str(run / f"round_{k}" / "policy.safetensors")) for k in (0, 1))
+    lora_keys = [k for k in p1 if "lora_" in k]
+    assert lora_keys and any(not np.allclose(p0[k].numpy(), p1[k].numpy()) for k in lora_keys)
+    assert (run / "final_model" / "unet_lora").is_dir()
+    final = load_backbone(run / "final_model")  # adapter merged: a plain model folder
+    assert not any("lora_" in n for n, _ in final.denoiser.named_parameters())
+    ray.shutdown()
+
+
+def test_refresh_with_lora_is_refused():
+    with pytest.raises(ValueError, match="refresh"):
+        RoundsConfig(reference="refresh", train={"lora_rank": 4})

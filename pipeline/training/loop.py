@@ -5,7 +5,9 @@ replica, or the same weights with LoRA adapters off), wraps the denoiser's block
 ``torch.distributed.fsdp.fully_shard`` on a 1-D device mesh (gloo on CPU, NCCL on GPU), and trains with
 gradient accumulation, warm-up + constant/cosine learning rate, bf16 autocast on GPU, gradient clipping
 and optional EMA. Every ``checkpoint_every`` optimizer steps rank 0 writes the full (gathered) state —
-denoiser, optimizer, EMA, step — into a Ray Train checkpoint; on restart the loop resumes from the latest.
+denoiser, optimizer, EMA, step, and the metrics of every report so far (``history.json``: Ray Train's
+``Result.metrics_dataframe`` holds only the retained checkpoints) — into a Ray Train checkpoint; on
+restart the loop resumes from the latest.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .step import PairBatch, preference_step
 STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "denoiser.safetensors"
 EMA_FILE = "ema.safetensors"  # EMA of the trainable parameters, by name
+HISTORY_FILE = "history.json"  # every report's metrics up to this checkpoint (survives resumes)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     checkpoint_every: int = 25
+    torch_threads: int = 0  # per worker; 0 = Ray's default (one thread per reserved CPU)
     seed: int = 0
 
     def __post_init__(self):
@@ -62,7 +66,7 @@ class TrainConfig:
             ("lr", self.lr > 0, "> 0"), ("max_steps", self.max_steps >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"), ("grad_accum", self.grad_accum >= 1, ">= 1"),
             ("lr_schedule", self.lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'"),
-            ("num_workers", self.num_workers >= 1, ">= 1"), ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("num_workers", self.num_workers >= 1, ">= 1"), ("torch_threads", self.torch_threads >= 0, ">= 0"), ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
             ("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
             ("reference_weights", not (self.reference_weights and self.lora_rank), "'' with LoRA (adapters off)"),
         ]:
@@ -88,12 +92,14 @@ def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard_denoiser(denoiser: torch.nn.Module, device: torch.device) -> None:
-    """FSDP2: shard each block, then the root, over all workers (a no-op without a process group)."""
+    """FSDP2: shard each block, then the root, over all workers (a no-op without a process group or with
+    one worker: sharding over one rank saves nothing and its DTensor parameters, all-gather copies and
+    hooks cost ~10-30 % of a step on the toy UNet, bench/results/training.md)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    if not dist.is_initialized():
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in _blocks(denoiser):
@@ -145,6 +151,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(cfg.seed + rank)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
     device = ray.train.torch.get_device()
     backbone = load_backbone(cfg.model, device=device)
     if not cfg.lora_rank:
@@ -162,17 +170,21 @@ def train_loop_per_worker(config: dict) -> None:
     ema = {n: p.detach().clone() for n, p in named} if cfg.ema_decay else None
 
     step = 0
+    history: list[dict] = []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
             _load_full_state(backbone.denoiser, optimizer, load_file(str(Path(d) / WEIGHTS_FILE)), state["optimizer"])
             step = int(state["step"])
+            if (Path(d) / HISTORY_FILE).exists():
+                history = json.loads((Path(d) / HISTORY_FILE).read_text())
             if ema is not None and (Path(d) / EMA_FILE).exists():
                 saved = load_file(str(Path(d) / EMA_FILE))
                 for n, e in ema.items():
                     _assign(e, saved[n])
 
+    resumed_from_step = step  # 0 on a fresh start, else the checkpoint's step (a restart after a failure, or a resume)
     objective = cfg.objective_config()
     batches = _batches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed + rank)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank + step)
@@ -200,8 +212,10 @@ def train_loop_per_worker(config: dict) -> None:
         window[-1]["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             metrics = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
-            metrics.update(step=step, lr=optimizer.param_groups[0]["lr"], pairs_per_s=pairs * ctx.get_world_size() / (time.time() - t0))
-            _report(backbone, optimizer, ema, step, metrics, rank)
+            metrics.update(step=step, lr=optimizer.param_groups[0]["lr"], pairs_per_s=pairs * ctx.get_world_size() / (time.time() - t0),
+                           resumed_from_step=resumed_from_step)
+            history.append(metrics)
+            _report(backbone, optimizer, ema, step, metrics, rank, history)
             window, t0, pairs = [], time.time(), 0
 
 
@@ -220,7 +234,7 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
 
 
-def _report(backbone, optimizer, ema, step: int, metrics: dict, rank: int) -> None:
+def _report(backbone, optimizer, ema, step: int, metrics: dict, rank: int, history: list[dict]) -> None:
     """Gather the full state (collectives: every rank calls them), rank 0 writes the checkpoint, all report."""
     import ray.train
 
@@ -234,6 +248,7 @@ def _report(backbone, optimizer, ema, step: int, metrics: dict, rank: int) -> No
                 save_file({k: v.contiguous() for k, v in ema_full.items()}, os.path.join(d, EMA_FILE))
             torch.save({"optimizer": optim_sd, "step": step}, os.path.join(d, STATE_FILE))
             Path(d, "metrics.json").write_text(json.dumps(metrics))
+            Path(d, HISTORY_FILE).write_text(json.dumps(history))
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
 

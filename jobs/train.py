@@ -1,0 +1,186 @@
+"""Train a policy on a preference-pairs dataset with Ray Train (FSDP2), then export it.
+
+    python jobs/generate_pairs.py --out runs/pairs --set prompt_limit=16 sampler.num_steps=10 && python jobs/train.py --pairs runs/pairs --out runs/train --set max_steps=20 checkpoint_every=5
+    python jobs/train.py --pairs runs/pairs --out runs/train --set max_steps=40 checkpoint_every=5     # resumes at step 20
+    python jobs/train.py --pairs runs/pairs --out runs/train-lora --set lora_rank=4 lr=1e-4 max_steps=20
+    ray job submit --working-dir . -- python jobs/train.py --config train.yaml --pairs /shared/pairs --out /shared/runs/x
+
+``--pairs`` is a folder written by ``jobs/generate_pairs.py --out`` (or the Parquet folder ``pairs/`` inside
+it). Config: fields of ``TrainConfig`` (pipeline/training/loop.py: model, objective, objective_overrides,
+sdpo_mu, lora_rank, lr, max_steps, batch_size, num_workers, …) from ``--config`` (JSON or YAML), then
+``--set key=value`` overrides (``objective_overrides.beta=2000`` for nested fields). Unset fields keep
+their defaults: the shipped toy reference model, SIPO, 100 steps of batch 8 on one CPU worker.
+
+Writes to ``--out``:
+
+    policy.safetensors       the trained denoiser (the EMA weights if ema_decay > 0); load it with
+                             load_backbone(model, weights=..., lora_rank=...)
+    model/                   the base model folder with the trained denoiser: load_backbone("OUT/model")
+                             is the policy; with LoRA the adapter is merged there and also saved alone
+                             in model/unet_lora/ (diffusers format, to apply to the base model)
+    metrics.json, metrics.csv  the metrics of every report (every checkpoint_every steps)
+    curves.png               training curves (loss, implicit accuracy, λ, importance weight)
+    train.json               the config, the pairs path, the Ray Train run path and the last metrics
+
+Checkpoints live in Ray Train storage: ``--storage`` (default OUT/ray_storage) and ``--name`` (default
+"train"). Rerunning with the same storage and name resumes from the latest checkpoint (or, if the run
+already reached max_steps, just re-exports it); raising ``max_steps`` continues training. A run's
+storage refuses a different config or pairs dataset (only max_steps, checkpoint_every, num_workers and
+use_gpu may change between reruns): pick another ``--name``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+#: fields that may change between reruns on the same storage (resume, extend, rescale)
+RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "num_workers", "use_gpu")
+RUN_RECORD = "train_job.json"  # kept beside Ray Train's own files in the run folder
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=Path, required=True,
+                   help="pairs dataset: a jobs/generate_pairs.py output folder, or its pairs/ Parquet folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder (policy, model/, metrics, curves)")
+    p.add_argument("--config", type=Path, help="JSON or YAML file with TrainConfig fields")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. lr=5e-6 max_steps=200")
+    p.add_argument("--storage", type=Path, help="Ray Train storage folder (default: OUT/ray_storage)")
+    p.add_argument("--name", default="train", help="Ray Train run name inside the storage (default: train)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance (ignored on a cluster)")
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace):
+    """The TrainConfig; bad fields or values exit with a message naming them."""
+    from pipeline.config import build_config
+    from pipeline.training import TrainConfig
+
+    try:
+        return build_config(TrainConfig, args.config, args.set)
+    except (ValueError, FileNotFoundError) as err:  # UnknownConfigField is a ValueError
+        raise SystemExit(f"config error: {err}") from err
+
+
+def resolve_pairs(path: Path) -> Path:
+    """The Parquet folder: ``path`` itself, or ``path/pairs`` for a generate_pairs.py output folder."""
+    if not path.exists():
+        raise SystemExit(f"--pairs {path}: no such file or folder; make one with "
+                         f"`python jobs/generate_pairs.py --out {path}`")
+    if path.is_dir() and not any(path.glob("*.parquet")) and (path / "pairs").is_dir():
+        return path / "pairs"
+    return path
+
+
+def check_inputs(cfg, pairs: Path) -> int:
+    """Validate the pairs (schema, size) and that their latents fit the model, before Ray starts."""
+    from pipeline.backbones import check_model_folder
+    from pipeline.data.schema import read_pairs
+
+    try:
+        table = read_pairs(pairs)
+        model = check_model_folder(cfg.model, required=())
+    except (FileNotFoundError, NotADirectoryError, ValueError) as err:  # SchemaError is a ValueError
+        raise SystemExit(f"error: {err}") from err
+    need = cfg.batch_size * cfg.num_workers
+    if table.num_rows < need:
+        raise SystemExit(f"error: {pairs} holds {table.num_rows} pairs, fewer than one batch per worker "
+                         f"(batch_size {cfg.batch_size} × {cfg.num_workers} workers)")
+    shape = tuple(table.column("latent_shape")[0].as_py())
+    for sub in ("unet", "transformer"):
+        conf = model / sub / "config.json"
+        if conf.is_file():
+            c = json.loads(conf.read_text())
+            expected = (c.get("in_channels"), c.get("sample_size"), c.get("sample_size"))
+            if None not in expected and shape != expected:
+                raise SystemExit(f"error: {pairs} holds latents of shape {shape} but the model {model} works on "
+                                 f"{expected}; generate the pairs with this model (generate_pairs.py --set model=...)")
+    return table.num_rows
+
+
+def check_run_record(run_dir: Path, cfg, pairs: Path) -> None:
+    """Refuse to resume a run with another config or dataset; record this one for the next rerun."""
+    record = {"train": asdict(cfg), "pairs": str(pairs.resolve())}
+    path = run_dir / RUN_RECORD
+    if path.exists() and any(run_dir.glob("checkpoint_*")):  # a run with checkpoints to resume from
+        old = json.loads(path.read_text())
+        before, now = {**old["train"], "pairs": old["pairs"]}, {**record["train"], "pairs": record["pairs"]}
+        diff = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+                if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)]
+        if diff:
+            raise SystemExit(f"error: {run_dir} holds a run with another config ({'; '.join(diff)}); "
+                             f"only {', '.join(RESUMABLE_CHANGES)} may change on resume — "
+                             f"use another --name or --storage to start a new run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+
+
+def write_outputs(cfg, result, out: Path) -> dict:
+    from pipeline.export import checkpoint_history, export_model, policy_from_checkpoint
+    from pipeline.utils.atomic import atomic_write_bytes
+    from pipeline.utils.plots import plot_curves
+
+    if result.checkpoint is None:
+        raise SystemExit(f"error: Ray Train run {result.path} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        policy = policy_from_checkpoint(d, out / "policy.safetensors")
+        history = checkpoint_history(d) or [json.loads((Path(d) / "metrics.json").read_text())]
+    export_model(cfg.model, policy, out / "model", lora_rank=cfg.lora_rank)
+    atomic_write_bytes(out / "metrics.json", json.dumps(history, indent=1).encode())
+    keys = list(dict.fromkeys(["step"] + [k for h in history for k in h]))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_bytes(out / "metrics.csv", buf.getvalue().encode())
+    objective = cfg.objective_config()
+    shown = ["loss", "implicit_acc"] + ["lambda_mean"] * (objective.safeguard is not None) \
+        + ["iw_mean"] * objective.needs_importance_weights + ["masked_frac"] * (objective.weighting == "cm")
+    curves = {k: ([h["step"] for h in history if k in h], [h[k] for h in history if k in h])
+              for k in shown if any(k in h for h in history)}
+    plot_curves(curves, out / "curves.png", xlabel="optimizer step",
+                title=f"{cfg.objective}{' + SDPO' if cfg.sdpo_mu >= 0 else ''}, lr {cfg.lr:g}, batch {cfg.batch_size}")
+    return history[-1]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = build(args)
+    pairs = resolve_pairs(args.pairs)
+    num_pairs = check_inputs(cfg, pairs)
+    storage = (args.storage or args.out / "ray_storage").resolve()
+    check_run_record(storage / args.name, cfg, pairs)
+
+    import ray
+
+    from pipeline.training.trainer import run_training
+    from pipeline.utils.atomic import atomic_write_bytes
+
+    ray.init(num_cpus=args.num_cpus, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    t0 = time.time()
+    print(f"training {cfg.objective} on {num_pairs} pairs from {pairs}: {cfg.max_steps} steps × batch "
+          f"{cfg.batch_size} × {cfg.num_workers} worker(s); Ray Train run {storage / args.name}", flush=True)
+    result = run_training(cfg, pairs, storage, args.name)
+    seconds = time.time() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    last = write_outputs(cfg, result, args.out)
+    atomic_write_bytes(args.out / "train.json", json.dumps(
+        {"config": asdict(cfg), "pairs": str(pairs.resolve()), "num_pairs": num_pairs, "ray_run": str(result.path),
+         "seconds": round(seconds, 1), "last": last}, indent=1).encode())
+    shown = {k: round(last[k], 4) for k in ("step", "loss", "implicit_acc", "margin", "pairs_per_s") if k in last}
+    print(f"done in {seconds:.0f} s: {shown}")
+    print(f"wrote {args.out}/policy.safetensors, model/, metrics.json, metrics.csv, curves.png, train.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""jobs/train.py end to end on a tiny model: outputs, the exported folder, resume on rerun, LoRA, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.backbones import load_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))
+import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tiny_toy_model_dir, tmp_path_factory):
+    """A generate_pairs.py output folder (manifest + pairs/) for the tiny model, on a private local Ray."""
+    import ray
+
+    from pipeline.data.generate import GenerationConfig, generate
+
+    ray.init(address="local", num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    out = tmp_path_factory.mktemp("pairs") / "ddspo"
+    generate(GenerationConfig(model=str(tiny_toy_model_dir), strategy="ddspo-paired", prompt_limit=8, batch_size=8,
+                              sampler={"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}), out)
+    yield out
+    ray.shutdown()
+
+
+def settings(model_dir, **kw):
+    base = dict(model=str(model_dir), objective="sipo", lr=1e-3, max_steps=2, batch_size=2, checkpoint_every=1)
+    return [f"{k}={v}" for k, v in {**base, **kw}.items()]
+
+
+def predict(backbone):
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 500])
+    with torch.no_grad():
+        return backbone.predict(x, t, backbone.encode_prompts(["a red circle", "two blue squares"]))
+
+
+@pytest.mark.slow
+def test_train_job_writes_everything_exports_and_resumes(pairs_dir, tiny_toy_model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert train.main(["--pairs", str(pairs_dir), "--out", str(out), "--set", *settings(tiny_toy_model_dir)]) == 0
+    for f in ("policy.safetensors", "metrics.json", "metrics.csv", "curves.png", "train.json", "model/unet/config.json"):
+        assert (out / f).exists(), f
+    history = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in history] == [1, 2] and all("loss" in h and "pairs_per_s" in h for h in history)
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("step,")
+    assert json.loads((out / "train.json").read_text())["last"]["step"] == 2
+
+    policy = load_file(str(out / "policy.safetensors"))
+    initial = load_file(str(tiny_toy_model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(policy) == set(initial) and any(not torch.equal(policy[k], initial[k]) for k in policy)
+    exported = load_backbone(out / "model")  # the exported folder is the policy, loadable like any model
+    assert all(torch.equal(v, policy[k]) for k, v in exported.denoiser.state_dict().items())
+    assert torch.allclose(predict(exported), predict(load_backbone(tiny_toy_model_dir, weights=out / "policy.safetensors")))
+
+    # Rerun with more steps: resumes at step 2 (the first two reports come from the checkpoint, unchanged).
+    assert train.main(["--pairs", str(pairs_dir), "--out", str(out), "--set", *settings(tiny_toy_model_dir, max_steps=3)]) == 0
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in resumed] == [1, 2, 3] and resumed[:2] == history
+
+    # Same storage, another config: refused before Ray starts.
+    with pytest.raises(SystemExit, match="lr: 0.001 -> 0.01"):
+        train.main(["--pairs", str(pairs_dir), "--out", str(out), "--set", *settings(tiny_toy_model_dir, lr=0.01)])
+
+
+@pytest.mark.slow
+def test_train_job_lora_exports_merged_model_and_adapter(pairs_dir, tiny_toy_model_dir, tmp_path):
+    out = tmp_path / "lora"
+    argv = ["--pairs", str(pairs_dir / "pairs"), "--out", str(out), "--name", "lora",
+            "--set", *settings(tiny_toy_model_dir, lora_rank=2, lr=1e-2, max_steps=1)]
+    assert train.main(argv) == 0
+    assert (out / "model" / "unet_lora" / "pytorch_lora_weights.safetensors").exists()
+    policy = load_backbone(tiny_toy_model_dir, lora_rank=2, weights=out / "policy.safetensors")
+    exported = load_backbone(out / "model")  # merged: loads as a plain model, no peft keys
+    assert torch.allclose(predict(exported), predict(policy), atol=1e-5)
+    base = load_backbone(tiny_toy_model_dir)
+    assert not torch.allclose(predict(base), predict(policy), atol=1e-5)  # training moved the adapter
+    base.denoiser.load_lora_adapter(str(out / "model" / "unet_lora"), prefix=None, use_safetensors=True)
+    assert torch.allclose(predict(base), predict(policy), atol=1e-5)
+
+
+def test_bad_input_is_a_clear_error(tmp_path, tiny_toy_model_dir):
+    with pytest.raises(SystemExit, match="no such file or folder.*generate_pairs.py"):
+        train.main(["--pairs", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no .parquet files"):
+        train.main(["--pairs", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"unknown config field\(s\) \['lrr'\]"):
+        train.main(["--pairs", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--set", "lrr=1"])
+    with pytest.raises(SystemExit, match="train.lr=-1"):
+        train.main(["--pairs", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--set", "lr=-1"])
+
+
+def test_help_shows_the_examples():
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "--pairs" in out.stdout and "generate_pairs.py" in out.stdout
