@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 EMBEDDED_DEFAULT = {
     "rounds": 2,
     "generation": {"prompts": "toy:train", "prompt_limit": 64, "samples_per_prompt": 4, "batch_size": 64,
-                   "pairing": "all", "min_reward_gap": 0.1,
                    "sampler": {"num_steps": 10, "guidance_scale": 3.0, "eta": 1.0, "batch_size": 64}},
-    # The exact (parameter-space) SDPO safeguard is what makes the reward rise here: without it, or with the
-    # output-space λ (which never engages on this model), the winner's loss climbs and the reward falls.
-    "train": {"objective": "sipo", "sdpo_mu": 0.0, "sdpo_space": "parameter", "lr": 3e-5, "max_steps": 60,
-              "batch_size": 8, "checkpoint_every": 20, "torch_threads": 2},
+    # Conservative: the held-out reward stays within the reference's interval (0.249 -> 0.227 after one round).
+    # lr 1e-4 over-optimises (0.249 -> 0.112); the exact parameter-space safeguard (sdpo_space=parameter,
+    # sdpo_mu=0) holds the winner's loss but did not raise the reward within this budget either (README).
+    "train": {"objective": "sipo", "sdpo_mu": 0.9, "lr": 1e-5, "max_steps": 40, "batch_size": 8,
+              "checkpoint_every": 20, "torch_threads": 2},
     "eval_prompts": 48,
     "eval_samples": 4,
 }

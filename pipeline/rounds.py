@@ -106,7 +106,7 @@ def _evaluate_here(cfg: RoundsConfig, weights: str) -> tuple[dict, bytes]:
         return result.to_dict(), (Path(d) / "grid.png").read_bytes()
 
 
-def _evaluate(cfg: RoundsConfig, weights: str, out: Path) -> dict:
+def evaluate_policy(cfg: RoundsConfig, weights: str, out: Path) -> dict:
     """Evaluate in this process, or — when the cluster has GPUs and this driver has none — in a one-GPU task."""
     import ray
     import torch
@@ -120,7 +120,7 @@ def _evaluate(cfg: RoundsConfig, weights: str, out: Path) -> dict:
     return report
 
 
-def _load_eval(path: Path) -> dict:
+def load_eval(path: Path) -> dict:
     return json.loads((path / "eval.json").read_text())
 
 
@@ -131,8 +131,8 @@ def run_rounds(cfg: RoundsConfig, run_dir: str | Path, *, log=print) -> list[dic
     if not is_complete(ref_dir):
         with atomic_directory(ref_dir, marker=True) as tmp:
             log("evaluating the reference on held-out prompts")
-            _evaluate(cfg, "", tmp)
-    ref_eval = _load_eval(ref_dir)
+            evaluate_policy(cfg, "", tmp)
+    ref_eval = load_eval(ref_dir)
     rows = [_summary_row("reference", ref_eval, ref_eval, {})]
     policy = ""
     for k in range(cfg.rounds):
@@ -142,7 +142,7 @@ def run_rounds(cfg: RoundsConfig, run_dir: str | Path, *, log=print) -> list[dic
         else:
             _run_round(cfg, k, policy, run_dir, log)
         policy = str(final / POLICY_FILE)
-        rows.append(_summary_row(f"round {k}", _load_eval(final), ref_eval,
+        rows.append(_summary_row(f"round {k}", load_eval(final), ref_eval,
                                  json.loads((final / "train_metrics.json").read_text())))
         _write_summary(run_dir, rows)
     export_model(cfg.model, policy, run_dir / "final_model", lora_rank=cfg.lora_rank)
@@ -162,7 +162,7 @@ def _run_round(cfg: RoundsConfig, k: int, policy: str, run_dir: Path, log) -> No
         history = checkpoint_history(d)
     log(f"round {k}: evaluating the policy")
     with atomic_directory(run_dir / f"round_{k}", marker=True) as tmp:
-        _evaluate(cfg, str(work / POLICY_FILE), tmp)
+        evaluate_policy(cfg, str(work / POLICY_FILE), tmp)
         shutil.copy(work / POLICY_FILE, tmp / POLICY_FILE)
         shutil.copy(work / "pairs" / "manifest.json", tmp / "pairs_manifest.json")
         (tmp / "train_metrics.json").write_text(json.dumps({"last": result.metrics, "history": history}, indent=1))

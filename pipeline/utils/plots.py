@@ -52,3 +52,44 @@ def save_labelled_grid(images, row_labels: Sequence[str], ncols: int, path: str 
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_scatter_panels(panels: Mapping[str, Mapping[str, Sequence]], path: str | Path, *, ylabel: str = "",
+                        title: str = "", band: tuple[float, float, float] | None = None, band_label: str = "",
+                        log_x: Sequence[str] = ()) -> None:
+    """One panel per name, sharing the y axis: points ``x``, ``y`` with error bars from ``lo`` to ``hi``;
+    points flagged in ``hollow`` are drawn unfilled. ``band`` = (centre, low, high) is drawn in every panel
+    as a line with a shaded interval (e.g. a baseline's mean and confidence interval)."""
+    n = max(len(panels), 1)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 0.6, 3.4), dpi=120, sharey=True, squeeze=False)
+    for ax, (name, p) in zip(axes[0], panels.items()):
+        if band is not None:
+            ax.axhline(band[0], color="grey", lw=1, ls="--", label=band_label or None)
+            ax.axhspan(band[1], band[2], color="grey", alpha=0.15)
+        hollow = list(p.get("hollow", [False] * len(p["x"])))
+        for flag, marker_face, label in ((False, "C0", p.get("label", "")), (True, "none", p.get("hollow_label", ""))):
+            idx = [i for i, h in enumerate(hollow) if bool(h) == flag]
+            if not idx:
+                continue
+            x = [p["x"][i] for i in idx]
+            y = [p["y"][i] for i in idx]
+            err = [[y[j] - p["lo"][i] for j, i in enumerate(idx)], [p["hi"][i] - y[j] for j, i in enumerate(idx)]]
+            ax.errorbar(x, y, yerr=err, fmt="o", color="C0", mfc=marker_face, capsize=3, lw=1, label=label or None)
+        if name in log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    legend = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, h)
+    if legend:
+        axes[0][0].legend(list(legend.values()), list(legend), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
