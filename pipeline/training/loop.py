@@ -93,8 +93,8 @@ def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 def shard_denoiser(denoiser: torch.nn.Module, device: torch.device) -> None:
     """FSDP2: shard each block, then the root, over all workers (a no-op without a process group or with
-    one worker: sharding over one rank saves nothing and its DTensor parameters, all-gather copies and
-    hooks cost ~10-30 % of a step on the toy UNet, bench/results/training.md)."""
+    one worker: sharding over one rank saves nothing but adds DTensor parameters, all-gather copies and
+    hooks to every step)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
