@@ -1,12 +1,36 @@
 """Shared fixtures. Tests never reach a model hub: any attempt fails fast."""
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+_session_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _session_exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the test process here, with pytest's own exit status, once every result has been reported.
+
+    Why: a full run (Ray driver, Ray Data, Tune, torch and pyarrow thread pools all live in the pytest process)
+    now and then segfaults while the interpreter finalizes native extension modules *after* the summary line
+    (CI: "496 passed", then exit 139). Nothing of ours runs at that point; skipping finalization keeps the
+    exit status honest (failures still exit 1). Set ``PIPELINE_TESTS_FINALIZE=1`` to finalize normally."""
+    if _session_exit_status and not os.environ.get("PIPELINE_TESTS_FINALIZE"):
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                stream.flush()
+            except (AttributeError, ValueError, OSError):
+                pass
+        os._exit(_session_exit_status[-1])
 
 
 @pytest.fixture(scope="session")
