@@ -32,7 +32,7 @@ import numpy as np
 from .backbones import load_backbone
 from .data.generate import GenerationConfig, generate
 from .data.prompts import load_prompts
-from .evaluation import evaluate
+from .evaluation import Metric, evaluate
 from .rewards import build_reward
 from .export import checkpoint_history, export_model, policy_from_checkpoint
 from .sampling import SamplerConfig
@@ -85,6 +85,14 @@ class RoundsConfig:
 def win_rate(policy: np.ndarray, reference: np.ndarray) -> float:
     """Paired by (prompt, seed): the share of samples the policy scores higher on (ties count half)."""
     return float(((policy > reference) + 0.5 * (policy == reference)).mean())
+
+
+def paired_delta(policy: np.ndarray, reference: np.ndarray) -> dict:
+    """Policy minus reference reward on the same (prompt, seed) samples, with a bootstrap CI over prompts:
+    pairing removes the prompt and seed variance both evaluations share, so it is far tighter than
+    comparing the two unpaired intervals."""
+    diff = np.asarray(policy, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    return asdict(Metric.of(diff))
 
 
 def _eval_reward(cfg: RoundsConfig):
@@ -176,6 +184,7 @@ def _summary_row(name: str, ev: dict, ref: dict, train: dict) -> dict:
         "reward": ev["reward"], "overall": ev["overall"],
         **{a: ev["attributes"].get(a, {}).get("mean") for a in ("colour", "shape", "count", "position")},
         "win_rate_vs_ref": win_rate(np.array(ev["rewards"]), np.array(ref["rewards"])),
+        "delta_vs_ref": paired_delta(ev["rewards"], ref["rewards"]),
         "loss": last.get("loss"), "implicit_acc": last.get("implicit_acc"), "lambda": last.get("lambda_mean"),
         "iw_mean": last.get("iw_mean"), "masked_frac": last.get("masked_frac"),
         "history": train.get("history", []),
@@ -187,12 +196,13 @@ def _fmt(v) -> str:
 
 
 def _write_summary(run_dir: Path, rows: list[dict]) -> None:
-    head = ("| round | reward [95% CI] | all 4 | colour | shape | count | position | win vs ref | loss | "
-            "impl. acc | λ | w̄ | masked |\n|" + "---|" * 13)
+    head = ("| round | reward [95% CI] | Δ vs ref, paired [95% CI] | all 4 | colour | shape | count | position | win vs ref | loss | "
+            "impl. acc | λ | w̄ | masked |\n|" + "---|" * 14)
     lines = [head]
     for r in rows:
-        rw = r["reward"]
+        rw, dv = r["reward"], r["delta_vs_ref"]
         lines.append(f"| {r['round']} | {rw['mean']:.3f} [{rw['ci_low']:.3f}, {rw['ci_high']:.3f}] | "
+                     f"{dv['mean']:+.3f} [{dv['ci_low']:+.3f}, {dv['ci_high']:+.3f}] | "
                      f"{_fmt((r['overall'] or {}).get('mean'))} | {_fmt(r['colour'])} | {_fmt(r['shape'])} | {_fmt(r['count'])} | "
                      f"{_fmt(r['position'])} | {_fmt(r['win_rate_vs_ref'])} | {_fmt(r['loss'])} | "
                      f"{_fmt(r['implicit_acc'])} | {_fmt(r['lambda'])} | {_fmt(r['iw_mean'])} | {_fmt(r['masked_frac'])} |")

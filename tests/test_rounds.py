@@ -9,12 +9,25 @@ import pytest
 import ray
 
 from pipeline.backbones import load_backbone
-from pipeline.rounds import RoundsConfig, run_rounds, win_rate
+from pipeline.evaluation import Metric
+from pipeline.rounds import RoundsConfig, paired_delta, run_rounds, win_rate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import iterative_sipo  # noqa: E402
 
 pytestmark = pytest.mark.slow
+
+
+def test_paired_delta_removes_the_shared_prompt_variance():
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0, 1, size=(48, 4))  # prompts differ a lot in difficulty
+    policy = ref + 0.03 + rng.normal(0, 0.01, size=ref.shape)
+    d = paired_delta(policy, ref)
+    assert d["mean"] == pytest.approx(0.03, abs=0.005)
+    assert 0.0 < d["ci_low"] < 0.03 < d["ci_high"]
+    unpaired = Metric.of(policy)
+    assert d["ci_high"] - d["ci_low"] < 0.2 * (unpaired.ci_high - unpaired.ci_low)
+    assert paired_delta(ref, ref) == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}
 
 
 def test_win_rate_counts_ties_half():
@@ -42,6 +55,8 @@ def test_one_round_writes_everything_and_reruns_skip(tiny_toy_model_dir, tmp_pat
     assert metrics["last"]["step"] == 2 and len(metrics["history"]) == 2
     assert "| round 0 |" in (run / "summary.md").read_text()
     assert 0.0 <= rows[1]["win_rate_vs_ref"] <= 1.0
+    assert rows[0]["delta_vs_ref"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert rows[1]["delta_vs_ref"]["ci_low"] <= rows[1]["delta_vs_ref"]["mean"] <= rows[1]["delta_vs_ref"]["ci_high"]
     final = load_backbone(run / "final_model")  # the exported policy loads like any model folder
     assert final.latent_shape() == (3, 32, 32)
     logs.clear()

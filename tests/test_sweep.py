@@ -148,6 +148,8 @@ def test_config_errors_name_the_field():
         sweep.build(sweep.parse_args(["--search", "optuna", "--set", "space.beta=[0,10]"]))
     cfg = sweep.build(sweep.parse_args(["--search", "optuna", "--num-samples", "5", "--set", "rounds.train.lr=1e-4"]))
     assert cfg.search == "optuna" and cfg.trials == 5 and cfg.rounds["train"]["lr"] == 1e-4
-    assert cfg.rounds["generation"] == iterative_sipo.EMBEDDED_DEFAULT["generation"]  # the tuned run's defaults
+    # the tuned run: iterative_sipo's default, shortened to fit the sweep's budget
+    assert cfg.rounds["generation"] == {**iterative_sipo.EMBEDDED_DEFAULT["generation"], "prompt_limit": 96}
+    assert cfg.rounds["train"]["objective_overrides"] == iterative_sipo.EMBEDDED_DEFAULT["train"]["objective_overrides"]
     default = sweep.build(sweep.parse_args([]))
-    assert default.trials == 4 and default.step_size * default.segments == iterative_sipo.EMBEDDED_DEFAULT["train"]["max_steps"]
+    assert default.trials == 4 and default.step_size * default.segments == 100

@@ -93,3 +93,29 @@ def plot_scatter_panels(panels: Mapping[str, Mapping[str, Sequence]], path: str 
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_bands(series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float], Sequence[float]]],
+               path: str | Path, *, xlabel: str = "", ylabel: str = "", title: str = "", log_x: bool = False,
+               markers: bool = False, hline: float | None = None) -> None:
+    """One line per name: ``(x, mean, low, high)`` with the interval shaded (e.g. a mean over seeds and its
+    confidence interval); ``hline`` marks a baseline."""
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    if hline is not None:
+        ax.axhline(hline, color="grey", lw=1, ls="--")
+    for i, (name, (x, mean, lo, hi)) in enumerate(series.items()):
+        ax.plot(list(x), list(mean), label=name, color=f"C{i}", marker="o" if markers else None)
+        ax.fill_between(list(x), list(lo), list(hi), color=f"C{i}", alpha=0.18, lw=0)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

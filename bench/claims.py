@@ -1,0 +1,422 @@
+"""The three papers' claims, tested on the toy world with several seeds → ``docs/results.md`` + plots.
+
+    python bench/claims.py                  # the full run on the shipped toy reference (≈ 45 min, 2 cores)
+    python bench/claims.py --quick --model DIR --out DIR     # the CI form: same code, tiny budgets
+
+Every arm starts from the same model and trains in-process with the worker's step (``preference_step``,
+AdamW, gradient clipping at 1, weight EMA) on Parquet pairs written by the real generator (Ray Data). Arms are judged
+on the held-out prompts with the evaluation seeds every arm shares, so a difference between two arms is
+*paired* per (prompt, seed); its 95 % interval is a bootstrap over prompts of the seed-averaged difference.
+Training-curve claims use a t interval over seeds. The verdict of every claim is computed from its interval
+— ``reproduces`` (excludes 0 in the claimed direction), ``contradicted`` (excludes 0 the other way) or
+``inconclusive`` — never written by hand.
+
+(a) Diffusion-SDPO Fig. 1/3: at an aggressive learning rate Diffusion-DPO's winner loss climbs above the
+    reference's; the safeguard (output-space λ, the paper's μ = 0.9, and the exact parameter-space λ with
+    μ = 0) holds it down, and the reward ends higher.
+(b) DDSPO Table 1a: on the same perturbation pairs (winner from c, loser from c⁻, same seed), DDSPO's
+    score-space targets beat Diffusion-DPO.
+(c) SIPO Fig. 8c: across β, SIPO and DPO-C&M vary less than Diffusion-DPO and do not fall below the
+    reference at small β; SIPO Fig. A1: over online rounds (roll out, score, pair, train, repeat),
+    SIPO holds or improves while Diffusion-DPO degrades.
+(d) Diffusion-SDPO Table 4: the overhead of the safeguard (copied from ``bench/results/objectives.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.backbones import load_backbone  # noqa: E402
+from pipeline.data.schema import latents_of, read_pairs  # noqa: E402
+from pipeline.evaluation import bootstrap_ci, evaluate  # noqa: E402
+from pipeline.objectives import ObjectiveConfig, preset  # noqa: E402
+from pipeline.sampling import SamplerConfig  # noqa: E402
+from pipeline.toyworld import heldout_specs  # noqa: E402
+from pipeline.toyworld.reference import REFERENCE_DIR  # noqa: E402
+from pipeline.training import PairBatch, preference_step  # noqa: E402
+from pipeline.utils.atomic import atomic_write_bytes  # noqa: E402
+from pipeline.utils.plots import plot_bands  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of everything; ``FULL`` is the committed run, ``QUICK`` the CI form."""
+
+    prompts: int = 96  # toy:train prompts per rollout
+    samples_per_prompt: int = 4
+    rollout_steps: int = 10
+    min_reward_gap: float = 0.1
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 80  # optimizer steps per arm
+    batch_size: int = 8
+    lr: float = 5e-5  # the embedded default's
+    ema_decay: float = 0.98  # arms are judged on their EMA weights, as the job exports them
+    aggressive_lr: float = 1e-4  # claim (a)
+    aggressive_steps: int = 40
+    betas: tuple[float, ...] = (1000.0, 5000.0, 20000.0)
+    beta_seeds: tuple[int, ...] = (0, 1)
+    rounds: int = 3
+    round_prompts: int = 48
+    round_steps: int = 48
+    eval_prompts: int = 48
+    eval_samples: int = 2
+    eval_steps: int = 20
+    gen_batch: int = 64
+    gen_actors: int = 2  # two single-threaded model actors are fastest on 2 cores (bench/results/generation.md)
+
+
+FULL = Budget()
+QUICK = Budget(prompts=6, samples_per_prompt=2, rollout_steps=2, min_reward_gap=0.0, seeds=(0, 1), steps=2, batch_size=2,
+               aggressive_steps=3, betas=(1000.0, 20000.0), beta_seeds=(0,), rounds=2, round_prompts=4, round_steps=2,
+               eval_prompts=3, eval_samples=1, eval_steps=2, gen_batch=8, gen_actors=1)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def generate_pairs(model: str, out: Path, b: Budget, *, strategy: str = "onpolicy", weights: str = "",
+                   round_: int = 0, prompts: int | None = None) -> dict:
+    """Pairs from the real generator, as tensors. On-policy: every pair whose reward gap exceeds the budget's."""
+    from pipeline.data.generate import GenerationConfig, generate
+
+    cfg = GenerationConfig(model=model, weights=weights, strategy=strategy, prompt_limit=prompts or b.prompts,
+                           samples_per_prompt=b.samples_per_prompt, pairing="all", min_reward_gap=b.min_reward_gap,
+                           batch_size=b.gen_batch, num_actors=b.gen_actors, write_png=False, round=round_,
+                           policy_version=f"round_{round_ - 1}" if weights else "reference",
+                           sampler={"num_steps": b.rollout_steps, "guidance_scale": 3.0, "eta": 1.0,
+                                    "batch_size": b.gen_batch})
+    generate(cfg, out)
+    table = read_pairs(out / "pairs")
+    if table.num_rows == 0:
+        raise RuntimeError(f"{out}: the generator wrote no pairs (every reward gap <= {b.min_reward_gap})")
+    perturbed = [str(p) for p in table.column("perturbed_prompt").to_pylist()]
+    return {"x0_w": torch.from_numpy(latents_of(table, "latent_w")), "x0_l": torch.from_numpy(latents_of(table, "latent_l")),
+            "prompts": [str(p) for p in table.column("prompt").to_pylist()],
+            "perturbed": perturbed if all(perturbed) else None}
+
+
+# ------------------------------------------------------------------------------------------------ arms
+def train_arm(model: str, data: dict, objective: ObjectiveConfig, *, steps: int, batch_size: int, lr: float,
+              seed: int, ema_decay: float = 0.0, init: dict | None = None):
+    """The worker's step in-process; returns the policy (its EMA weights when ``ema_decay``) and its per-step
+    metrics."""
+    torch.manual_seed(seed)
+    backbone = load_backbone(model)
+    with backbone.reference_module():  # the frozen reference, taken before any update
+        pass
+    if init is not None:
+        backbone.denoiser.load_state_dict(init, strict=True)
+    params = backbone.trainable_parameters()
+    ema = [p.detach().clone() for p in params] if ema_decay else None
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    n = len(data["prompts"])
+    history = []
+    for _ in range(steps):
+        idx = rng.integers(n, size=batch_size)
+        batch = PairBatch(data["x0_w"][idx], data["x0_l"][idx], [data["prompts"][i] for i in idx],
+                          [data["perturbed"][i] for i in idx] if data["perturbed"] else None)
+        out = preference_step(backbone, objective, batch, generator=generator)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    e.lerp_(p.detach(), 1.0 - ema_decay)
+        history.append({k: float(v) for k, v in out.metrics.items()})
+    if ema is not None:
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                p.copy_(e)
+    return backbone, history
+
+
+def held_out(backbone, b: Budget) -> np.ndarray:
+    """(prompts, samples) toy rewards on the held-out prompts with the shared evaluation seeds."""
+    result, _ = evaluate(backbone, list(heldout_specs())[:b.eval_prompts], samples_per_prompt=b.eval_samples,
+                         sampler=SamplerConfig(num_steps=b.eval_steps, guidance_scale=3.0, eta=1.0, batch_size=96),
+                         progress=False)
+    return result.rewards
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def paired(a: list[np.ndarray], b: list[np.ndarray] | np.ndarray) -> dict:
+    """Mean of arm a minus arm b (or a fixed baseline), seed-averaged per prompt, bootstrap CI over prompts;
+    ``per_seed`` shows the spread between seeds."""
+    bs = b if isinstance(b, list) else [b] * len(a)
+    diff = np.mean([x.mean(1) - y.mean(1) for x, y in zip(a, bs)], axis=0)
+    lo, hi = bootstrap_ci(diff)
+    return {"mean": float(diff.mean()), "ci_low": lo, "ci_high": hi,
+            "per_seed": [float((x - y).mean()) for x, y in zip(a, bs)]}
+
+
+def over_seeds(values: list[float]) -> dict:
+    """Mean and t interval over seeds (one value per seed)."""
+    v = np.asarray(values, dtype=np.float64)
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {"mean": float(v.mean()), "ci_low": float(v.mean() - half), "ci_high": float(v.mean() + half),
+            "per_seed": [float(x) for x in v]}
+
+
+def verdict(interval: dict, direction: int) -> str:
+    """``direction`` +1: the claim says the quantity is > 0; −1: < 0."""
+    lo, hi = interval["ci_low"], interval["ci_high"]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "inconclusive"
+    if (lo > 0 and direction > 0) or (hi < 0 and direction < 0):
+        return "reproduces"
+    if (lo > 0 and direction < 0) or (hi < 0 and direction > 0):
+        return "contradicted"
+    return "inconclusive"
+
+
+def fmt(m: dict, sign: bool = True) -> str:
+    f = "{:+.3f}" if sign else "{:.3f}"
+    return f"{f.format(m['mean'])} [{f.format(m['ci_low'])}, {f.format(m['ci_high'])}]"
+
+
+def winner_ratio(history: list[dict]) -> np.ndarray:
+    """Policy winner loss over the reference's on the same noised winners, per step."""
+    return np.array([h["residual_w"] / max(h["ref_residual_w"], 1e-12) for h in history])
+
+
+def smooth(x: np.ndarray, k: int) -> np.ndarray:
+    k = max(1, min(k, len(x)))
+    return np.convolve(x, np.ones(k) / k, mode="valid")
+
+
+# ------------------------------------------------------------------------------------------------ claims
+def claim_a(model: str, data: dict, ref: np.ndarray, b: Budget, figs: Path, log) -> dict:
+    arms = {"Diffusion-DPO": preset("diffusion-dpo"),
+            "DPO + SDPO (output λ, μ=0.9)": preset("diffusion-dpo").with_safeguard(mu=0.9),
+            "DPO + SDPO (parameter λ, μ=0)": preset("diffusion-dpo").with_safeguard(mu=0.0, space="parameter")}
+    curves, rewards, final_ratio, lam = {}, {}, {}, {}
+    for name, obj in arms.items():
+        for seed in b.seeds:
+            policy, hist = train_arm(model, data, obj, steps=b.aggressive_steps, batch_size=b.batch_size,
+                                     lr=b.aggressive_lr, seed=seed, ema_decay=b.ema_decay)
+            curves.setdefault(name, []).append(smooth(winner_ratio(hist), 10))
+            final_ratio.setdefault(name, []).append(float(winner_ratio(hist)[-max(1, len(hist) // 4):].mean()))
+            lam.setdefault(name, []).append(float(np.mean([h["lambda_mean"] for h in hist])))
+            rewards.setdefault(name, []).append(held_out(policy, b))
+            log(f"(a) {name} seed {seed}: winner/ref loss {final_ratio[name][-1]:.3f}, "
+                f"reward {rewards[name][-1].mean():.3f}")
+    series = {}
+    for name, cs in curves.items():
+        c = np.stack(cs)
+        half = stats.t.ppf(0.975, len(c) - 1) * c.std(0, ddof=1) / math.sqrt(len(c)) if len(c) > 1 else 0 * c[0]
+        series[name] = (np.arange(c.shape[1]) + 1, c.mean(0), c.mean(0) - half, c.mean(0) + half)
+    plot_bands(series, figs / "a_winner_loss.png", xlabel="step (10-step moving mean)",
+               ylabel="winner loss / reference's", hline=1.0,
+               title=f"(a) winner loss at lr {b.aggressive_lr:g}: mean ± 95% CI over {len(b.seeds)} seeds")
+    dpo = "Diffusion-DPO"
+    rows = []
+    for name in arms:
+        row = {"arm": name, "winner_ratio": over_seeds(final_ratio[name]), "lambda_mean": float(np.mean(lam[name])),
+               "reward_vs_ref": paired(rewards[name], ref)}
+        if name != dpo:
+            row["winner_ratio_vs_dpo"] = over_seeds([x - y for x, y in zip(final_ratio[name], final_ratio[dpo])])
+            row["reward_vs_dpo"] = paired(rewards[name], rewards[dpo])
+            row["verdict_winner"] = verdict(row["winner_ratio_vs_dpo"], -1)
+            row["verdict_reward"] = verdict(row["reward_vs_dpo"], +1)
+        rows.append(row)
+    return {"rows": rows, "dpo_winner_climbs": verdict(
+        over_seeds([x - 1.0 for x in final_ratio[dpo]]), +1)}
+
+
+def claim_b(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dict:
+    arms = {"Diffusion-DPO": preset("diffusion-dpo"), "DDSPO": preset("ddspo")}
+    rewards = {}
+    for name, obj in arms.items():
+        for seed in b.seeds:
+            policy, _ = train_arm(model, data, obj, steps=b.steps, batch_size=b.batch_size, lr=b.lr, seed=seed,
+                                  ema_decay=b.ema_decay)
+            rewards.setdefault(name, []).append(held_out(policy, b))
+            log(f"(b) {name} seed {seed}: reward {rewards[name][-1].mean():.3f}")
+    diff = paired(rewards["DDSPO"], rewards["Diffusion-DPO"])
+    return {"rows": [{"arm": n, "reward_vs_ref": paired(r, ref)} for n, r in rewards.items()],
+            "ddspo_vs_dpo": diff, "verdict": verdict(diff, +1), "pairs": len(data["prompts"])}
+
+
+BETA_ARMS = ("diffusion-dpo", "dpo-cm", "sipo")
+
+
+def claim_c_beta(model: str, data: dict, ref: np.ndarray, b: Budget, figs: Path, log) -> dict:
+    res: dict[str, dict[float, dict]] = {}
+    raw: dict[str, dict[float, list]] = {}
+    for name in BETA_ARMS:
+        for beta in b.betas:
+            for seed in b.beta_seeds:
+                policy, _ = train_arm(model, data, preset(name, beta=beta), steps=b.steps, batch_size=b.batch_size,
+                                      lr=b.lr, seed=seed, ema_decay=b.ema_decay)
+                raw.setdefault(name, {}).setdefault(beta, []).append(held_out(policy, b))
+                log(f"(c) {name} β={beta:g} seed {seed}: reward {raw[name][beta][-1].mean():.3f}")
+            res.setdefault(name, {})[beta] = paired(raw[name][beta], ref)
+    plot_bands({n: (list(b.betas), [res[n][x]["mean"] for x in b.betas], [res[n][x]["ci_low"] for x in b.betas],
+                    [res[n][x]["ci_high"] for x in b.betas]) for n in BETA_ARMS},
+               figs / "c_beta.png", xlabel="β (this library's convention)", ylabel="held-out reward − reference",
+               log_x=True, markers=True, hline=0.0, title="(c) reward gain across β (paired 95% CI over prompts)")
+    spread = {n: max(res[n][x]["mean"] for x in b.betas) - min(res[n][x]["mean"] for x in b.betas) for n in BETA_ARMS}
+    small = min(b.betas)
+    checks = {f"{n} vs Diffusion-DPO at β={small:g}": paired(raw[n][small], raw["diffusion-dpo"][small])
+              for n in ("sipo", "dpo-cm")}
+    return {"by_beta": {n: {f"{x:g}": v for x, v in d.items()} for n, d in res.items()}, "spread": spread,
+            "small_beta": {k: {**v, "verdict": verdict(v, +1)} for k, v in checks.items()},
+            "sipo_below_ref_at_small_beta": verdict(res["sipo"][small], -1)}
+
+
+def claim_c_rounds(model: str, work: Path, ref: np.ndarray, b: Budget, figs: Path, log) -> dict:
+    arms = {"Diffusion-DPO": preset("diffusion-dpo"), "DPO-C&M": preset("dpo-cm", beta=5000.0),
+            "SIPO": preset("sipo", beta=5000.0)}
+    res: dict[str, list[dict]] = {}
+    rewards: dict[str, list[np.ndarray]] = {}
+    first = generate_pairs(model, work / "rounds_0", b, prompts=b.round_prompts)  # the reference's: shared
+    for name, obj in arms.items():
+        state, weights = None, ""
+        for k in range(b.rounds):
+            data = first if k == 0 else generate_pairs(model, work / f"rounds_{name}_{k}", b, weights=weights,
+                                                       round_=k, prompts=b.round_prompts)
+            policy, _ = train_arm(model, data, obj, steps=b.round_steps, batch_size=b.batch_size, lr=b.lr,
+                                  seed=k, ema_decay=b.ema_decay, init=state)
+            state = {n: t.detach().clone() for n, t in policy.denoiser.state_dict().items()}
+            weights = str(work / f"policy_{name}_{k}.safetensors")
+            save_file(state, weights)
+            r = held_out(policy, b)
+            rewards.setdefault(name, []).append(r)
+            res.setdefault(name, []).append(paired([r], ref))
+            log(f"(c) rounds {name} round {k}: {len(data['prompts'])} pairs, reward {r.mean():.3f}")
+    xs = list(range(1, b.rounds + 1))
+    plot_bands({n: (xs, [v["mean"] for v in res[n]], [v["ci_low"] for v in res[n]], [v["ci_high"] for v in res[n]])
+                for n in arms}, figs / "c_rounds.png", xlabel="online round", ylabel="held-out reward − reference",
+               markers=True, hline=0.0, title="(c) online rounds (paired 95% CI over prompts)")
+    last = paired([rewards["SIPO"][-1]], [rewards["Diffusion-DPO"][-1]])
+    return {"by_round": res, "sipo_vs_dpo_last": {**last, "verdict": verdict(last, +1)}}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def report(r: dict, b: Budget, argv: list[str]) -> str:
+    L = ["# The papers' claims on the toy world", "",
+         f"Produced by `python bench/claims.py {' '.join(argv)}`".rstrip() + f" in {r['minutes']:.0f} min "
+         f"(2-core CPU, torch {torch.__version__}). Model: the shipped toy reference. "
+         f"Held-out reward: {b.eval_prompts} held-out prompts × {b.eval_samples} shared seeds, {b.eval_steps} "
+         f"sampling steps; the reference scores {r['reference']['mean']:.3f} "
+         f"[{r['reference']['ci_low']:.3f}, {r['reference']['ci_high']:.3f}].", "",
+         "Differences between arms are paired per (prompt, seed); [a, b] is a 95 % bootstrap interval over prompts of "
+         "the seed-averaged difference (per-seed means in brackets after it). Training-curve numbers use a t interval "
+         "over seeds. Rewards are those of each arm's EMA weights (decay "
+         f"{b.ema_decay:g}, as the job exports them); training curves are the live weights'. Verdicts are computed from the intervals: *reproduces* / *contradicted* when the interval "
+         "excludes 0, else *inconclusive*.", "",
+         f"Budget: {json.dumps(asdict(b))}", ""]
+    a = r["a"]
+    L += ["## (a) Diffusion-SDPO Fig. 1/3 — the winner's loss at an aggressive learning rate", "",
+          f"lr {b.aggressive_lr:g}, {b.aggressive_steps} steps × {b.batch_size} pairs, β = 5000, seeds {list(b.seeds)}, "
+          f"{r['pairs_onpolicy']} on-policy pairs of the reference ({b.prompts} prompts × {b.samples_per_prompt}, "
+          f"all pairs with a reward gap > {b.min_reward_gap:g}).", "",
+          "![winner loss](results/a_winner_loss.png)", "",
+          "| arm | winner loss / reference's (last quarter) | mean λ | reward − reference | vs Diffusion-DPO: winner ratio | vs Diffusion-DPO: reward |",
+          "|---|---|---|---|---|---|"]
+    for row in a["rows"]:
+        extra = ("| – | – |" if "reward_vs_dpo" not in row else
+                 f"| {fmt(row['winner_ratio_vs_dpo'])} → **{row['verdict_winner']}** | "
+                 f"{fmt(row['reward_vs_dpo'])} → **{row['verdict_reward']}** |")
+        L.append(f"| {row['arm']} | {fmt(row['winner_ratio'], sign=False)} | {row['lambda_mean']:.3f} | "
+                 f"{fmt(row['reward_vs_ref'])} {_seeds(row['reward_vs_ref'])} {extra}")
+    L += ["", f"Diffusion-DPO's winner loss climbs above the reference's: **{a['dpo_winner_climbs']}**.", ""]
+    bb = r["b"]
+    L += ["## (b) DDSPO Table 1a — DDSPO vs Diffusion-DPO on the same perturbation pairs", "",
+          f"{bb['pairs']} paired pairs (winner from c, loser from c⁻ by rand-removal, same seed), lr {b.lr:g}, "
+          f"{b.steps} steps × {b.batch_size}, β = 5000, seeds {list(b.seeds)}.", "",
+          "| arm | reward − reference |", "|---|---|"]
+    L += [f"| {row['arm']} | {fmt(row['reward_vs_ref'])} {_seeds(row['reward_vs_ref'])} |" for row in bb["rows"]]
+    L += ["", f"DDSPO − Diffusion-DPO: {fmt(bb['ddspo_vs_dpo'])} → **{bb['verdict']}**.", ""]
+    c = r["c_beta"]
+    L += ["## (c) SIPO Fig. 8c — across β", "",
+          f"Same on-policy pairs as (a), lr {b.lr:g}, {b.steps} steps × {b.batch_size}, seeds {list(b.beta_seeds)}.", "",
+          "![beta](results/c_beta.png)", "",
+          "| objective | " + " | ".join(f"β = {x:g}" for x in b.betas) + " | spread of means |",
+          "|---|" + "---|" * (len(b.betas) + 1)]
+    for n in BETA_ARMS:
+        L.append(f"| {n} | " + " | ".join(fmt(c['by_beta'][n][f'{x:g}']) for x in b.betas) + f" | {c['spread'][n]:.3f} |")
+    L += [""] + [f"- {k}: {fmt(v)} → **{v['verdict']}**" for k, v in c["small_beta"].items()]
+    L += [f"- SIPO falls below the reference at β = {min(b.betas):g}: **{c['sipo_below_ref_at_small_beta']}**", ""]
+    cr = r["c_rounds"]
+    L += ["## (c) SIPO Fig. A1 — across online rounds", "",
+          f"Each round rolls out {b.round_prompts} prompts × {b.samples_per_prompt} with the current policy, pairs "
+          f"them, trains {b.round_steps} steps (lr {b.lr:g}, β = 5000 for every arm, reference fixed) and evaluates.", "",
+          "![rounds](results/c_rounds.png)", "",
+          "| objective | " + " | ".join(f"round {k + 1}" for k in range(b.rounds)) + " |",
+          "|---|" + "---|" * b.rounds]
+    for n, vals in cr["by_round"].items():
+        L.append(f"| {n} | " + " | ".join(fmt(v) for v in vals) + " |")
+    L += ["", f"SIPO − Diffusion-DPO after the last round: {fmt(cr['sipo_vs_dpo_last'])} → "
+          f"**{cr['sipo_vs_dpo_last']['verdict']}** (one seed per round; rounds are sequential).", ""]
+    L += ["## (d) Diffusion-SDPO Table 4 — overhead", "", "From `bench/results/objectives.md` (`python bench/objectives.py`):", ""]
+    L += [line for line in r["overhead"].splitlines() if line.startswith("|")]
+    return "\n".join(L) + "\n"
+
+
+def _seeds(m: dict) -> str:
+    return "(" + ", ".join(f"{x:+.3f}" for x in m["per_seed"]) + ")"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny budgets (the CI form)")
+    p.add_argument("--model", default=str(REFERENCE_DIR), help="model folder (default: the shipped toy reference)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs", help="writes results.md, results/*.png, results.json here")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder for pairs (default: a temp dir)")
+    args = p.parse_args(argv)
+    b = QUICK if args.quick else FULL
+    import ray
+    import tempfile
+
+    torch.set_num_threads(2)
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+
+    figs = args.out / "results"
+    figs.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        work = Path(tmp)
+        onpolicy = generate_pairs(args.model, work / "onpolicy", b)
+        perturbed = generate_pairs(args.model, work / "ddspo", b, strategy="ddspo-paired")
+        log(f"pairs: {len(onpolicy['prompts'])} on-policy, {len(perturbed['prompts'])} perturbation")
+        ref_rewards = held_out(load_backbone(args.model), b)
+        r = {"reference": {"mean": float(ref_rewards.mean()),
+                           **dict(zip(("ci_low", "ci_high"), bootstrap_ci(ref_rewards.mean(1))))},
+             "pairs_onpolicy": len(onpolicy["prompts"])}
+        r["a"] = claim_a(args.model, onpolicy, ref_rewards, b, figs, log)
+        r["b"] = claim_b(args.model, perturbed, ref_rewards, b, log)
+        r["c_beta"] = claim_c_beta(args.model, onpolicy, ref_rewards, b, figs, log)
+        r["c_rounds"] = claim_c_rounds(args.model, work, ref_rewards, b, figs, log)
+    ray.shutdown()
+    overhead = ROOT / "bench" / "results" / "objectives.md"
+    r["overhead"] = overhead.read_text() if overhead.exists() else ""
+    r["minutes"] = (time.time() - t0) / 60
+    atomic_write_bytes(args.out / "results.json", json.dumps(r, indent=1, default=float).encode())
+    atomic_write_bytes(args.out / "results.md", report(r, b, argv).encode())
+    log(f"wrote {args.out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
