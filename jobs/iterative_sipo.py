@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-#: The embedded default: one online round on the toy world, ≈ 5 minutes on a 2-core CPU machine; the
+#: The embedded default: one online round on the toy world, ≈ 6 minutes on a 2-core CPU machine; the
 #: held-out reward rises 0.249 → 0.333, paired Δ +0.084 [+0.011, +0.160] (README). Every prompt of the toy
 #: training split, 4 rollouts each, every pair whose reward gap exceeds 0.1; two single-threaded generation
 #: actors (faster than one two-threaded actor on 2 cores, bench/results/generation.md). SIPO with β = 20000:
