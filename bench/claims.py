@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from pipeline.toyworld import heldout_specs  # noqa: E402
 from pipeline.toyworld.reference import REFERENCE_DIR  # noqa: E402
 from pipeline.training import PairBatch, preference_step  # noqa: E402
 from pipeline.utils.atomic import atomic_write_bytes  # noqa: E402
+from pipeline.utils.driver import ElapsedLog, start_ray  # noqa: E402
 from pipeline.utils.plots import plot_bands  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -387,14 +387,10 @@ def main(argv=None) -> int:
     import tempfile
 
     torch.set_num_threads(2)
-    t0 = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
-
+    log = ElapsedLog()
     figs = args.out / "results"
     figs.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    start_ray(num_cpus=2)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         onpolicy = generate_pairs(args.model, work / "onpolicy", b)
@@ -411,7 +407,7 @@ def main(argv=None) -> int:
     ray.shutdown()
     overhead = ROOT / "bench" / "results" / "objectives.md"
     r["overhead"] = overhead.read_text() if overhead.exists() else ""
-    r["minutes"] = (time.time() - t0) / 60
+    r["minutes"] = log.seconds / 60
     atomic_write_bytes(args.out / "results.json", json.dumps(r, indent=1, default=float).encode())
     atomic_write_bytes(args.out / "results.md", report(r, b, argv).encode())
     log(f"wrote {args.out / 'results.md'}")

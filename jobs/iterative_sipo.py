@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,14 +63,13 @@ def build(args: argparse.Namespace):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = build(args)
-    import ray
-
     from pipeline.rounds import run_rounds
+    from pipeline.utils.driver import ElapsedLog, start_ray
 
-    ray.init(num_cpus=args.num_cpus, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-    t0 = time.time()
-    run_rounds(cfg, args.run_dir, log=lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True))
-    print(f"done in {time.time() - t0:.0f} s; see {args.run_dir}/summary.md, reward.png, curves.png, "
+    start_ray(args.num_cpus)
+    log = ElapsedLog()
+    run_rounds(cfg, args.run_dir, log=log)
+    print(f"done in {log.seconds:.0f} s; see {args.run_dir}/summary.md, reward.png, curves.png, "
           f"round_*/grid.png and {args.run_dir}/final_model")
     return 0
 

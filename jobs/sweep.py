@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -92,15 +91,14 @@ def build(args: argparse.Namespace):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = build(args)
-    import ray
-
     from pipeline.sweep import run_sweep
+    from pipeline.utils.driver import ElapsedLog, start_ray
 
-    ray.init(num_cpus=args.num_cpus, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-    t0 = time.time()
-    res = run_sweep(cfg, args.out, log=lambda msg: print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True))
+    start_ray(args.num_cpus)
+    log = ElapsedLog()
+    res = run_sweep(cfg, args.out, log=log)
     print((args.out / "results.md").read_text())
-    print(f"done in {time.time() - t0:.0f} s; see {args.out}/results.md, results.csv, reward_vs_hparams.png"
+    print(f"done in {log.seconds:.0f} s; see {args.out}/results.md, results.csv, reward_vs_hparams.png"
           + (f" and {args.out}/best_config.yaml" if res["best"] else ""))
     return 0
 

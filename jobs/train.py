@@ -160,12 +160,11 @@ def main(argv=None) -> int:
     storage = (args.storage or args.out / "ray_storage").resolve()
     check_run_record(storage / args.name, cfg, pairs)
 
-    import ray
-
     from pipeline.training.trainer import run_training
     from pipeline.utils.atomic import atomic_write_bytes
+    from pipeline.utils.driver import start_ray
 
-    ray.init(num_cpus=args.num_cpus, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    start_ray(args.num_cpus)
     t0 = time.time()
     print(f"training {cfg.objective} on {num_pairs} pairs from {pairs}: {cfg.max_steps} steps × batch "
           f"{cfg.batch_size} × {cfg.num_workers} worker(s); Ray Train run {storage / args.name}", flush=True)
