@@ -51,3 +51,12 @@ def test_quick_run_writes_every_claim_with_plots(tmp_path):
     r = json.loads((out / "results.json").read_text())
     assert len(r["a"]["rows"]) == 3 and len(r["c_rounds"]["by_round"]["SIPO"]) == 2
     assert not list(tmp_path.glob("tmp*")), "the scratch folder is removed"
+    assert "## Summary" in text and text.count("| SDPO Fig. 3 |") == 4
+    (out / "results.md").unlink()
+    assert claims.main(["--render", "--out", str(out)]) == 0
+    assert (out / "results.md").read_text() == text, "a re-render from results.json gives the same report"
+
+
+def test_render_names_the_missing_results_file(tmp_path):
+    with pytest.raises(SystemExit, match="results.json does not exist"):
+        claims.main(["--render", "--out", str(tmp_path)])

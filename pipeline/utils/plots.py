@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .atomic import atomic_write_bytes  # noqa: E402
 
@@ -108,6 +109,8 @@ def plot_bands(series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequ
         ax.fill_between(list(x), list(lo), list(hi), color=f"C{i}", alpha=0.18, lw=0)
     if log_x:
         ax.set_xscale("log")
+    elif all(float(v).is_integer() for x, *_ in series.values() for v in x):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds and steps: no 1.25
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
