@@ -275,7 +275,7 @@ def plot_rounds(by_round: dict[str, list[dict]], path: Path) -> None:
                markers=True, hline=0.0, title="(c) online rounds (paired 95% CI over prompts)")
 
 
-def claim_c_beta(model: str, data: dict, ref: np.ndarray, b: Budget, figs: Path, log) -> dict:
+def claim_c_beta(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dict:
     res: dict[str, dict[float, dict]] = {}
     raw: dict[str, dict[float, list]] = {}
     for name in BETA_ARMS:
@@ -286,17 +286,15 @@ def claim_c_beta(model: str, data: dict, ref: np.ndarray, b: Budget, figs: Path,
                 raw.setdefault(name, {}).setdefault(beta, []).append(held_out(policy, b))
                 log(f"(c) {name} β={beta:g} seed {seed}: reward {raw[name][beta][-1].mean():.3f}")
             res.setdefault(name, {})[beta] = paired(raw[name][beta], ref)
-    by_beta = {n: {f"{x:g}": v for x, v in d.items()} for n, d in res.items()}
-    plot_beta(by_beta, figs / "c_beta.png")
     spread = {n: max(res[n][x]["mean"] for x in b.betas) - min(res[n][x]["mean"] for x in b.betas) for n in BETA_ARMS}
     small = min(b.betas)
     checks = {f"{n} vs Diffusion-DPO at β={small:g}": paired(raw[n][small], raw["diffusion-dpo"][small])
               for n in ("sipo", "dpo-cm")}
-    return {"by_beta": by_beta, "spread": spread,
+    return {"by_beta": {n: {f"{x:g}": v for x, v in d.items()} for n, d in res.items()}, "spread": spread,
             "small_beta": {k: {**v, "verdict": verdict(v, +1)} for k, v in checks.items()}}
 
 
-def claim_c_rounds(model: str, work: Path, ref: np.ndarray, b: Budget, figs: Path, log) -> dict:
+def claim_c_rounds(model: str, work: Path, ref: np.ndarray, b: Budget, log) -> dict:
     arms = {"Diffusion-DPO": preset("diffusion-dpo"), "DPO-C&M": preset("dpo-cm", beta=5000.0),
             "SIPO": preset("sipo", beta=5000.0)}
     res: dict[str, list[dict]] = {}
@@ -316,7 +314,6 @@ def claim_c_rounds(model: str, work: Path, ref: np.ndarray, b: Budget, figs: Pat
             rewards.setdefault(name, []).append(r)
             res.setdefault(name, []).append(paired([r], ref))
             log(f"(c) rounds {name} round {k}: {len(data['prompts'])} pairs, reward {r.mean():.3f}")
-    plot_rounds(res, figs / "c_rounds.png")
     last = paired([rewards["SIPO"][-1]], [rewards["Diffusion-DPO"][-1]])
     return {"by_round": res, "sipo_vs_dpo_last": {**last, "verdict": verdict(last, +1)}}
 
@@ -431,14 +428,17 @@ def _seeds(m: dict) -> str:
 
 
 def render(out: Path) -> int:
-    """Rewrites ``results.md`` and the plots drawn from stored intervals (β, rounds) from ``results.json``: a report
-    change needs no new run. The winner-loss curves are not stored, so their plot stays as the run drew it."""
+    """Writes ``results.md`` and the plots drawn from stored intervals (β, rounds) from ``results.json``: the run
+    ends here, and a report change needs no new run. The winner-loss curves are not stored, so ``claim_a`` draws
+    that plot during the run."""
     source = out / "results.json"
     if not source.exists():
         raise SystemExit(f"--render: {source} does not exist (run bench/claims.py with --out {out} first)")
     r = json.loads(source.read_text())
-    b = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["budget"].items()}) if "budget" in r else FULL
-    atomic_write_bytes(out / "results.md", report(r, b, r.get("argv", [])).encode())
+    if "budget" not in r:
+        raise SystemExit(f"--render: {source} has no 'budget' (written by an older bench/claims.py; run it again)")
+    b = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["budget"].items()})
+    atomic_write_bytes(out / "results.md", report(r, b, r["argv"]).encode())
     (out / "results").mkdir(exist_ok=True)
     plot_beta(r["c_beta"]["by_beta"], out / "results" / "c_beta.png")
     plot_rounds(r["c_rounds"]["by_round"], out / "results" / "c_rounds.png")
@@ -480,16 +480,16 @@ def main(argv=None) -> int:
              "pairs_onpolicy": len(onpolicy["prompts"])}
         r["a"] = claim_a(args.model, onpolicy, ref_rewards, b, figs, log)
         r["b"] = claim_b(args.model, perturbed, ref_rewards, b, log)
-        r["c_beta"] = claim_c_beta(args.model, onpolicy, ref_rewards, b, figs, log)
-        r["c_rounds"] = claim_c_rounds(args.model, work, ref_rewards, b, figs, log)
+        r["c_beta"] = claim_c_beta(args.model, onpolicy, ref_rewards, b, log)
+        r["c_rounds"] = claim_c_rounds(args.model, work, ref_rewards, b, log)
     ray.shutdown()
     overhead = ROOT / "bench" / "results" / "objectives.md"
     r["overhead"] = overhead.read_text() if overhead.exists() else ""
     r["minutes"] = log.seconds / 60
     r["budget"], r["argv"] = asdict(b), list(argv)
     atomic_write_bytes(args.out / "results.json", json.dumps(r, indent=1, default=float).encode())
-    atomic_write_bytes(args.out / "results.md", report(r, b, argv).encode())
-    log(f"wrote {args.out / 'results.md'}")
+    render(args.out)
+    log(f"wrote {args.out / 'results.json'}")
     return 0
 
 

@@ -60,3 +60,9 @@ def test_quick_run_writes_every_claim_with_plots(tmp_path):
 def test_render_names_the_missing_results_file(tmp_path):
     with pytest.raises(SystemExit, match="results.json does not exist"):
         claims.main(["--render", "--out", str(tmp_path)])
+
+
+def test_render_names_a_results_file_without_its_budget(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(SystemExit, match="results.json has no 'budget'"):
+        claims.main(["--render", "--out", str(tmp_path)])
