@@ -4,8 +4,8 @@
     python bench/claims.py --quick --model DIR --out DIR     # the CI form: same code, tiny budgets
     python bench/claims.py --render                          # rewrite results.md (+ β/round plots) from results.json
 
-Every arm starts from the same model and trains in-process with the worker's step (``preference_step``,
-AdamW, gradient clipping at 1, weight EMA) on Parquet pairs written by the real generator (Ray Data). Arms are judged
+Every arm starts from the same model and trains in-process with the product's training engine
+(``pipeline/training/engine.py``: the loop a Ray Train worker runs — AdamW, gradient clipping at 1, weight EMA) on Parquet pairs written by the real generator (Ray Data). Arms are judged
 on the held-out prompts with the evaluation seeds every arm shares, so a difference between two arms is
 *paired* per (prompt, seed); its 95 % interval is a bootstrap over prompts of the seed-averaged difference.
 Training-curve claims use a t interval over seeds. The verdict of every claim is computed from its interval
@@ -37,18 +37,16 @@ import torch
 from safetensors.torch import save_file
 from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.backbones import load_backbone  # noqa: E402
-from pipeline.data.schema import latents_of, read_pairs  # noqa: E402
-from pipeline.evaluation import bootstrap_ci, evaluate  # noqa: E402
-from pipeline.objectives import ObjectiveConfig, preset  # noqa: E402
-from pipeline.sampling import SamplerConfig  # noqa: E402
-from pipeline.toyworld import heldout_specs  # noqa: E402
-from pipeline.toyworld.reference import REFERENCE_DIR  # noqa: E402
-from pipeline.training import PairBatch, preference_step  # noqa: E402
-from pipeline.utils.atomic import atomic_write_bytes  # noqa: E402
-from pipeline.utils.driver import ElapsedLog, start_ray  # noqa: E402
-from pipeline.utils.plots import plot_bands  # noqa: E402
+from pipeline.backbones import load_backbone
+from pipeline.data.schema import read_pairs
+from pipeline.evaluation import bootstrap_ci, evaluate
+from pipeline.sampling import SamplerConfig
+from pipeline.toyworld import heldout_specs
+from pipeline.toyworld.reference import REFERENCE_DIR
+from pipeline.training import PairData, TrainConfig, train_in_process
+from pipeline.utils.atomic import atomic_write_bytes
+from pipeline.utils.driver import ElapsedLog, start_ray
+from pipeline.utils.plots import plot_bands
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +87,7 @@ QUICK = Budget(prompts=6, samples_per_prompt=2, rollout_steps=2, min_reward_gap=
 # ------------------------------------------------------------------------------------------------ data
 def generate_pairs(model: str, out: Path, b: Budget, *, strategy: str = "onpolicy", weights: str = "",
                    round_: int = 0, prompts: int | None = None) -> dict:
-    """Pairs from the real generator, as tensors. On-policy: every pair whose reward gap exceeds the budget's."""
+    """Pairs from the real generator, in memory as the engine takes them. On-policy: every pair whose reward gap exceeds the budget's."""
     from pipeline.data.generate import GenerationConfig, generate
 
     cfg = GenerationConfig(model=model, weights=weights, strategy=strategy, prompt_limit=prompts or b.prompts,
@@ -102,49 +100,19 @@ def generate_pairs(model: str, out: Path, b: Budget, *, strategy: str = "onpolic
     table = read_pairs(out / "pairs")
     if table.num_rows == 0:
         raise RuntimeError(f"{out}: the generator wrote no pairs (every reward gap <= {b.min_reward_gap})")
-    perturbed = [str(p) for p in table.column("perturbed_prompt").to_pylist()]
-    return {"x0_w": torch.from_numpy(latents_of(table, "latent_w")), "x0_l": torch.from_numpy(latents_of(table, "latent_l")),
-            "prompts": [str(p) for p in table.column("prompt").to_pylist()],
-            "perturbed": perturbed if all(perturbed) else None}
+    return PairData.from_table(table)
 
 
 # ------------------------------------------------------------------------------------------------ arms
-def train_arm(model: str, data: dict, objective: ObjectiveConfig, *, steps: int, batch_size: int, lr: float,
-              seed: int, ema_decay: float = 0.0, init: dict | None = None):
-    """The worker's step in-process; returns the policy (its EMA weights when ``ema_decay``) and its per-step
-    metrics."""
-    torch.manual_seed(seed)
-    backbone = load_backbone(model)
-    with backbone.reference_module():  # the frozen reference, taken before any update
-        pass
-    if init is not None:
-        backbone.denoiser.load_state_dict(init, strict=True)
-    params = backbone.trainable_parameters()
-    ema = [p.detach().clone() for p in params] if ema_decay else None
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    n = len(data["prompts"])
-    history = []
-    for _ in range(steps):
-        idx = rng.integers(n, size=batch_size)
-        batch = PairBatch(data["x0_w"][idx], data["x0_l"][idx], [data["prompts"][i] for i in idx],
-                          [data["perturbed"][i] for i in idx] if data["perturbed"] else None)
-        out = preference_step(backbone, objective, batch, generator=generator)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema, params):
-                    e.lerp_(p.detach(), 1.0 - ema_decay)
-        history.append({k: float(v) for k, v in out.metrics.items()})
-    if ema is not None:
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                p.copy_(e)
-    return backbone, history
+def train_arm(model: str, data: PairData, arm: dict, *, steps: int, batch_size: int, lr: float, seed: int,
+              ema_decay: float = 0.0, init: dict | None = None):
+    """One arm through the product's training engine, in this process (``train_in_process``: the loop a Ray
+    Train worker runs, without Ray); ``arm`` holds the TrainConfig fields that make the arm (objective, β, μ).
+    Returns the policy (its EMA weights when ``ema_decay``) and its per-step metrics."""
+    cfg = TrainConfig(model=model, **arm, lr=lr, max_steps=steps, batch_size=batch_size, seed=seed,
+                      ema_decay=ema_decay, log_every=1, checkpoint_every=steps)
+    engine = train_in_process(cfg, data, init=init)
+    return engine.apply_policy_weights(), engine.history
 
 
 def held_out(backbone, b: Budget) -> np.ndarray:
@@ -203,9 +171,9 @@ def smooth(x: np.ndarray, k: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ claims
 def claim_a(model: str, data: dict, ref: np.ndarray, b: Budget, figs: Path, log) -> dict:
-    arms = {"Diffusion-DPO": preset("diffusion-dpo"),
-            "DPO + SDPO (output λ, μ=0.9)": preset("diffusion-dpo").with_safeguard(mu=0.9),
-            "DPO + SDPO (parameter λ, μ=0)": preset("diffusion-dpo").with_safeguard(mu=0.0, space="parameter")}
+    arms = {"Diffusion-DPO": {"objective": "diffusion-dpo"},
+            "DPO + SDPO (output λ, μ=0.9)": {"objective": "diffusion-dpo", "sdpo_mu": 0.9},
+            "DPO + SDPO (parameter λ, μ=0)": {"objective": "diffusion-dpo", "sdpo_mu": 0.0, "sdpo_space": "parameter"}}
     curves, rewards, final_ratio, lam = {}, {}, {}, {}
     for name, obj in arms.items():
         for seed in b.seeds:
@@ -241,7 +209,7 @@ def claim_a(model: str, data: dict, ref: np.ndarray, b: Budget, figs: Path, log)
 
 
 def claim_b(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dict:
-    arms = {"Diffusion-DPO": preset("diffusion-dpo"), "DDSPO": preset("ddspo")}
+    arms = {"Diffusion-DPO": {"objective": "diffusion-dpo"}, "DDSPO": {"objective": "ddspo"}}
     rewards = {}
     for name, obj in arms.items():
         for seed in b.seeds:
@@ -251,7 +219,7 @@ def claim_b(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dict:
             log(f"(b) {name} seed {seed}: reward {rewards[name][-1].mean():.3f}")
     diff = paired(rewards["DDSPO"], rewards["Diffusion-DPO"])
     return {"rows": [{"arm": n, "reward_vs_ref": paired(r, ref)} for n, r in rewards.items()],
-            "ddspo_vs_dpo": diff, "verdict": verdict(diff, +1), "pairs": len(data["prompts"])}
+            "ddspo_vs_dpo": diff, "verdict": verdict(diff, +1), "pairs": len(data)}
 
 
 BETA_ARMS = ("diffusion-dpo", "dpo-cm", "sipo")
@@ -281,7 +249,7 @@ def claim_c_beta(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dic
     for name in BETA_ARMS:
         for beta in b.betas:
             for seed in b.beta_seeds:
-                policy, _ = train_arm(model, data, preset(name, beta=beta), steps=b.steps, batch_size=b.batch_size,
+                policy, _ = train_arm(model, data, {"objective": name, "objective_overrides": {"beta": beta}}, steps=b.steps, batch_size=b.batch_size,
                                       lr=b.lr, seed=seed, ema_decay=b.ema_decay)
                 raw.setdefault(name, {}).setdefault(beta, []).append(held_out(policy, b))
                 log(f"(c) {name} β={beta:g} seed {seed}: reward {raw[name][beta][-1].mean():.3f}")
@@ -295,8 +263,9 @@ def claim_c_beta(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dic
 
 
 def claim_c_rounds(model: str, work: Path, ref: np.ndarray, b: Budget, log) -> dict:
-    arms = {"Diffusion-DPO": preset("diffusion-dpo"), "DPO-C&M": preset("dpo-cm", beta=5000.0),
-            "SIPO": preset("sipo", beta=5000.0)}
+    arms = {"Diffusion-DPO": {"objective": "diffusion-dpo"},
+            "DPO-C&M": {"objective": "dpo-cm", "objective_overrides": {"beta": 5000.0}},
+            "SIPO": {"objective": "sipo", "objective_overrides": {"beta": 5000.0}}}
     res: dict[str, list[dict]] = {}
     rewards: dict[str, list[np.ndarray]] = {}
     first = generate_pairs(model, work / "rounds_0", b, prompts=b.round_prompts)  # the reference's: shared
@@ -313,7 +282,7 @@ def claim_c_rounds(model: str, work: Path, ref: np.ndarray, b: Budget, log) -> d
             r = held_out(policy, b)
             rewards.setdefault(name, []).append(r)
             res.setdefault(name, []).append(paired([r], ref))
-            log(f"(c) rounds {name} round {k}: {len(data['prompts'])} pairs, reward {r.mean():.3f}")
+            log(f"(c) rounds {name} round {k}: {len(data)} pairs, reward {r.mean():.3f}")
     last = paired([rewards["SIPO"][-1]], [rewards["Diffusion-DPO"][-1]])
     return {"by_round": res, "sipo_vs_dpo_last": {**last, "verdict": verdict(last, +1)}}
 

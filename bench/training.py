@@ -3,16 +3,14 @@
     python bench/training.py                          # (a) + (b) on CPU, (c) only with CUDA; ≈10 min on 2 cores
     python bench/training.py --sections a --rounds 2 --steps 10     # a quick look at (a)
 
-(a) Throughput, 1 worker on CPU. The Ray side is the production path: ``run_training`` (TorchTrainer,
-    Train V2) with ``train_loop_per_worker`` — pairs streamed from a Ray Data shard, the denoiser wrapped
-    by FSDP2 ``fully_shard`` on a 1-rank gloo mesh, AdamW, clipping, a checkpoint at the end. The bare side
-    is a plain in-process loop doing the same step (``preference_step``, backward, clipping, AdamW) on the
-    same model (the shipped toy reference), objective (SIPO), batch size and number of steps, with the
-    pairs already in memory as tensors and the same torch thread count as the Ray worker. Sides alternate
-    (R B, B R, …) round by round. Steady-state pairs/s: the Ray side's own ``pairs_per_s`` metric (timed
-    inside the worker from the first step to the last, so it excludes Ray Train start-up, model loading
-    and the final checkpoint) against the bare loop timed the same way. End to end: ``run_training``'s
-    wall time (Ray itself already started) against model loading + the loop.
+(a) Throughput, 1 worker on CPU: the one training engine (``pipeline/training/engine.py``) inside a Ray
+    Train worker (``run_training``: TorchTrainer, Train V2, pairs from a Ray Data shard, a checkpoint at the
+    end) against the same engine in this process (``train_in_process``) — same model (the shipped toy
+    reference), objective (SIPO), batch size, steps, data order and torch thread count. Sides alternate
+    (R B, B R, …) round by round. Steady-state pairs/s: the engine's own ``pairs_per_s`` metric per
+    ``log_every`` window on both sides (so it excludes Ray Train start-up, model loading and the final
+    checkpoint). End to end: ``run_training``'s wall time (Ray itself already started) against model
+    loading + the loop. The difference is what Ray Train costs, nothing else.
 (b) Correctness, 2 workers × batch b/2 under FSDP2 (gloo) against 1 process × batch b, no FSDP. Both run
     the same pairs in the same order with the same timesteps and noise per pair (each pair's randomness
     comes from a generator seeded by (step, pair index), whichever worker holds it); each rank backpropagates
@@ -28,9 +26,7 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
 import platform
 import statistics
@@ -42,11 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.backbones import load_backbone  # noqa: E402
-from pipeline.data.schema import latents_of, read_pairs  # noqa: E402
-from pipeline.toyworld.reference import REFERENCE_DIR  # noqa: E402
-from pipeline.training import PairBatch, TrainConfig, preference_step  # noqa: E402
+from pipeline.backbones import load_backbone
+from pipeline.data.schema import read_pairs
+from pipeline.toyworld.reference import REFERENCE_DIR
+from pipeline.training import PairData, TrainConfig, TrainEngine, train_in_process
 
 OBJECTIVE = "sipo"
 LR = 1e-5
@@ -63,12 +58,6 @@ def make_pairs(root: Path) -> Path:
     return out / "pairs"
 
 
-def load_arrays(pairs: Path) -> dict:
-    table = read_pairs(pairs)
-    return {"x0_w": torch.from_numpy(latents_of(table, "latent_w")), "x0_l": torch.from_numpy(latents_of(table, "latent_l")),
-            "prompts": [str(p) for p in table.column("prompt").to_pylist()]}
-
-
 # ---------------------------------------------------------------------------------------------- (a) / (c)
 def _steady(windows: list[float]) -> float:
     """Pairs/s over every window but the first (equal windows: the harmonic mean of their rates)."""
@@ -76,59 +65,32 @@ def _steady(windows: list[float]) -> float:
     return len(rest) / sum(1.0 / r for r in rest)
 
 
-def bare_loop(model: str, data: dict, steps: int, batch_size: int, window: int, *, device: str = "cpu",
-              bf16: bool = False, grad_clip: float = 1.0, seed: int = 0) -> dict:
-    """The worker loop's step without Ray, timed in windows of ``window`` steps like the worker's reports;
-    steady pairs/s is over all windows but the first, wall time includes loading the model."""
+def _config(model: str, steps: int, batch_size: int, window: int, *, use_gpu: bool = False,
+            torch_threads: int = 0) -> TrainConfig:
+    """The same TrainConfig for both sides: timing windows are the engine's ``log_every`` reports."""
+    return TrainConfig(model=model, objective=OBJECTIVE, lr=LR, max_steps=steps, batch_size=batch_size,
+                       log_every=window, checkpoint_every=steps, use_gpu=use_gpu, torch_threads=torch_threads)
+
+
+def bare_loop(model: str, data: PairData, steps: int, batch_size: int, window: int, *, device: str = "cpu") -> dict:
+    """The training engine in this process (no Ray); the same per-window ``pairs_per_s`` metric as the worker's,
+    steady = all windows but the first; wall time includes loading the model."""
     t_start = time.perf_counter()
-    torch.manual_seed(seed)
-    backbone = load_backbone(model, device=device)
-    with backbone.reference_module():  # the frozen reference copy, as the worker takes it
-        pass
-    params = backbone.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    objective = TrainConfig(objective=OBJECTIVE).objective_config()
-    generator = torch.Generator().manual_seed(seed * 1000)
-    n = len(data["prompts"])
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    pos = 0
-    t0 = time.perf_counter()
-    losses, windows = [], []
-    for step in range(steps):
-        if pos + batch_size > n:  # next epoch, like the worker's drop_last iteration
-            order, pos = rng.permutation(n), 0
-        idx = torch.from_numpy(order[pos:pos + batch_size])
-        pos += batch_size
-        batch = PairBatch(data["x0_w"][idx], data["x0_l"][idx], [data["prompts"][i] for i in idx.tolist()])
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            out = preference_step(backbone, objective, batch, generator=generator)
-        out.loss.backward()
-        metrics = {k: float(v) for k, v in out.metrics.items()}  # the worker logs every step's metrics too
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics["grad_norm"] = float(grad_norm)
-        losses.append(metrics["loss"])
-        if (step + 1) % window == 0 or step + 1 == steps:  # float() above already synchronised the device
-            t1 = time.perf_counter()
-            windows.append(((step % window) + 1) * batch_size / (t1 - t0))
-            t0 = t1
+    engine = train_in_process(_config(model, steps, batch_size, window), data, device=device)
+    windows = [float(h["pairs_per_s"]) for h in engine.history]
     return {"pairs_per_s": _steady(windows), "first_window": windows[0], "windows": windows,
-            "wall_s": time.perf_counter() - t_start, "last_loss": losses[-1]}
+            "wall_s": time.perf_counter() - t_start, "last_loss": engine.history[-1]["loss"]}
 
 
 def ray_loop(model: str, pairs: Path, steps: int, batch_size: int, window: int, storage: Path, name: str, *,
              use_gpu: bool = False) -> dict:
-    """The production path; its ``pairs_per_s`` metric per report window (checkpoint writes fall between
-    windows, so they are excluded), steady = all windows but the first."""
+    """The production path: the same engine inside a Ray Train worker; its ``pairs_per_s`` per log window
+    (the one checkpoint, at the end, falls after the last window)."""
     from pipeline.export import checkpoint_history
     from pipeline.training.trainer import run_training
 
-    cfg = TrainConfig(model=model, objective=OBJECTIVE, lr=LR, max_steps=steps, batch_size=batch_size,
-                      checkpoint_every=window, use_gpu=use_gpu)
     t0 = time.perf_counter()
-    result = run_training(cfg, pairs, storage, name)
+    result = run_training(_config(model, steps, batch_size, window, use_gpu=use_gpu), pairs, storage, name)
     wall = time.perf_counter() - t0
     with result.checkpoint.as_directory() as d:
         windows = [float(h["pairs_per_s"]) for h in checkpoint_history(d)]
@@ -156,35 +118,31 @@ def ab_rounds(label: str, rounds: int, run_ray, run_bare) -> dict:
 
 
 def section_a(args, pairs: Path, work: Path) -> dict:
-    data = load_arrays(pairs)
+    data = PairData.from_table(read_pairs(pairs))
     torch.set_num_threads(args.threads)
     out = ab_rounds("a", args.rounds,
                     lambda r: ray_loop(str(REFERENCE_DIR), pairs, args.steps, args.batch_size, args.window,
                                        work / "ray_a", f"a{r}"),
                     lambda r: bare_loop(str(REFERENCE_DIR), data, args.steps, args.batch_size, args.window))
-    return {**out, "num_pairs": len(data["prompts"]), "steps": args.steps, "window": args.window,
+    return {**out, "num_pairs": len(data), "steps": args.steps, "window": args.window,
             "batch_size": args.batch_size, "threads": args.threads}
 
 
 # ---------------------------------------------------------------------------------------------- (b)
 def fsdp_run(config: dict) -> dict:
-    """k steps on fixed batches; under Ray Train (2 workers) each rank takes its half of every batch."""
+    """k engine steps on fixed batches; under Ray Train (2 workers) each rank takes its half of every batch.
+    Every pair is its own micro-batch with its own generator, seeded by (step, pair position), so its
+    timestep and noise are the same whichever worker holds it; the engine averages the micro-batch losses
+    and FSDP2 the ranks' gradients, which is the gradient of the global mean."""
     import torch.distributed as dist
-
-    from pipeline.training.loop import _full_state, shard_denoiser
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.manual_seed(0)
-    backbone = load_backbone(config["model"])
-    with backbone.reference_module():  # the reference, taken before sharding as in the worker loop
-        pass
-    shard_denoiser(backbone.denoiser, torch.device("cpu"))  # no-op without a process group
-    params = backbone.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=0.0)
-    objective = TrainConfig(objective=OBJECTIVE).objective_config()
-    data = load_arrays(Path(config["pairs"]))
-    b, n = config["batch_size"], len(data["prompts"])
+    cfg = TrainConfig(model=config["model"], objective=OBJECTIVE, lr=config["lr"], grad_clip=config["grad_clip"],
+                      max_steps=config["steps"], batch_size=1)
+    engine = TrainEngine(cfg, rank=rank, world=world)
+    data = PairData.from_table(read_pairs(Path(config["pairs"])))
+    b, n = config["batch_size"], len(data)
     keep = config.get("keep", b)  # the control keeps only the first part of every batch
     rng = np.random.default_rng(0)  # the same pair order in every process: epochs of permutations
     order = np.concatenate([rng.permutation(n) for _ in range(config["steps"] * b // n + 1)])
@@ -192,27 +150,16 @@ def fsdp_run(config: dict) -> dict:
     for step in range(config["steps"]):
         rows = list(range(step * b, step * b + keep))
         mine = rows[rank * len(rows) // world:(rank + 1) * len(rows) // world]
-        loss = 0.0
-        for j in mine:
-            i = int(order[j])
-            g = torch.Generator().manual_seed(1_000_003 * step + j)  # the pair's own t, noise and x_{t-1} draw
-            batch = PairBatch(data["x0_w"][i:i + 1], data["x0_l"][i:i + 1], [data["prompts"][i]])
-            loss = loss + preference_step(backbone, objective, batch, generator=g).loss
-        loss = loss / len(mine)  # the local mean; FSDP2 averages gradients over ranks
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        global_loss = loss.detach().clone()
+        batches = [data.batch(np.array([int(order[j])])) for j in mine]
+        gens = [torch.Generator().manual_seed(1_000_003 * step + j) for j in mine]
+        m = engine.train_step(batches, gens)
+        local = torch.tensor(m["loss"], dtype=torch.float64)
         if world > 1:
-            dist.all_reduce(global_loss)
-            global_loss /= world
-        losses.append(float(global_loss))
-        grad_norms.append(float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))
-    if world > 1:
-        state, _ = _full_state(backbone.denoiser, optimizer)
-    else:
-        state = {k: v.detach().clone() for k, v in backbone.denoiser.state_dict().items()}
+            dist.all_reduce(local)
+            local /= world
+        losses.append(float(local))
+        grad_norms.append(m["grad_norm"])
+    state = engine.policy_weights()
     out = {"losses": losses, "grad_norms": grad_norms, "world": world, "torch_threads": torch.get_num_threads(),
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     if rank == 0 and config.get("out"):
@@ -241,7 +188,7 @@ def section_b(args, pairs: Path, work: Path) -> dict:
                  scaling_config=ScalingConfig(num_workers=2), torch_config=TorchConfig(backend="gloo"),
                  run_config=RunConfig(name="fsdp", storage_path=str(work / "ray_b"))).fit()
     t_two = time.perf_counter() - t0
-    two = torch.load(out_file, weights_only=False)
+    two = torch.load(out_file, weights_only=True)
     initial = load_backbone(str(REFERENCE_DIR)).denoiser.state_dict()
 
     def max_diff(a, b):
@@ -324,12 +271,12 @@ def section_c(args, work: Path, device: str) -> dict:
     build_sd15_folder(model, tiny=tiny)
     shape = (4, 16, 16) if tiny else (4, 64, 64)
     pairs = synthetic_pairs(work / "pairs_sd15", max(64, 4 * args.gpu_batch), shape)
-    data = load_arrays(pairs)
+    data = PairData.from_table(read_pairs(pairs))
     out = ab_rounds("c", args.gpu_rounds,
                     lambda r: ray_loop(str(model), pairs, args.gpu_steps, args.gpu_batch, args.gpu_window,
                                        work / "ray_c", f"c{r}", use_gpu=device != "cpu"),
                     lambda r: bare_loop(str(model), data, args.gpu_steps, args.gpu_batch, args.gpu_window,
-                                        device=device, bf16=device != "cpu"))
+                                        device=device))
     return {**out, "device": torch.cuda.get_device_name(0) if device != "cpu" else "cpu (smoke test)",
             "steps": args.gpu_steps, "window": args.gpu_window, "latent_shape": list(shape), "batch_size": args.gpu_batch, "params": sum(
                 p.numel() for p in load_backbone(str(model)).denoiser.parameters())}
@@ -366,8 +313,8 @@ def report(results: dict, argv: list[str]) -> str:
                   f"{a['num_pairs']} on-policy pairs, "
                   f"{a['threads']} torch thread(s) on both sides, {len(a['rounds']['ray'])} alternating rounds", ""]
         lines += _ab_table(a)
-        lines += ["", "*Steady* pairs/s excludes start-up on both sides. The Ray side is the worker's own `pairs_per_s` "
-                  "metric, reported every `checkpoint_every` steps and timed inside the worker from after one report to "
+        lines += ["", "*Steady* pairs/s excludes start-up on both sides. Both sides are the training engine's own `pairs_per_s` "
+                  "metric, reported every `log_every` steps and timed inside the engine from after one report to "
                   "the next: it never includes Ray Train start-up, model loading or the checkpoint writes. Its *first* "
                   "window also holds the Ray Data shard's start-up (the first batch) and the first steps' warm-up, so "
                   "steady = all windows but the first (pairs over time); the bare loop is timed in the same windows. "

@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.utils.driver import offline_mode  # noqa: E402
+
+offline_mode()  # before diffusers / transformers are imported (below)
+
 from pipeline.backbones import UNetBackbone  # noqa: E402
 from pipeline.evaluation import evaluate  # noqa: E402
 from pipeline.sampling import SamplerConfig  # noqa: E402
@@ -44,7 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from pipeline.utils.runlock import run_lock
+
     args = parse_args(argv)
+    with run_lock(args.out):  # one job per output folder; clears killed writes' leftovers
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     backbone = UNetBackbone.from_pretrained(args.model)
     specs = list(heldout_specs() if args.split == "heldout" else train_specs())
     if args.max_prompts:

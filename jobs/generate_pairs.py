@@ -29,15 +29,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    import ray
+    from pipeline.utils.driver import offline_mode, start_ray
 
+    offline_mode()  # before torch / diffusers / transformers / Ray are imported
+    args = parse_args(argv)
     from pipeline.config import build_config
     from pipeline.data.generate import GenerationConfig, generate
+    from pipeline.utils.runlock import run_lock
 
     cfg = build_config(GenerationConfig, args.config, args.set)
-    ray.init(num_cpus=args.num_cpus, ignore_reinit_error=True, log_to_driver=False)
-    manifest = generate(cfg, args.out)
+    # --out is replaced by rename: the lock is a sibling file, <parent>/.<name>.lock
+    with run_lock(args.out, sibling=True):
+        start_ray(args.num_cpus)
+        try:
+            manifest = generate(cfg, args.out)
+        except (FileExistsError, ValueError) as err:  # an output folder that is not ours, a bad dataset, a bad config
+            raise SystemExit(f"error: {err}") from err
     state = "already complete, nothing to do" if manifest["skipped"] else f"done in {manifest['seconds']} s"
     print(f"{args.out}: {manifest['num_pairs']} pairs from {manifest['num_prompts']} prompts ({state})")
     print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=1))

@@ -61,14 +61,18 @@ def build(args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
+    from pipeline.utils.driver import ElapsedLog, offline_mode, start_ray
+
+    offline_mode()  # before torch / diffusers / transformers / Ray are imported
     args = parse_args(argv)
     cfg = build(args)
     from pipeline.rounds import run_rounds
-    from pipeline.utils.driver import ElapsedLog, start_ray
+    from pipeline.utils.runlock import run_lock
 
-    start_ray(args.num_cpus)
-    log = ElapsedLog()
-    run_rounds(cfg, args.run_dir, log=log)
+    with run_lock(args.run_dir):  # one job per run directory; clears killed writes' leftovers
+        start_ray(args.num_cpus)
+        log = ElapsedLog()
+        run_rounds(cfg, args.run_dir, log=log)
     print(f"done in {log.seconds:.0f} s; see {args.run_dir}/summary.md, reward.png, curves.png, "
           f"round_*/grid.png and {args.run_dir}/final_model")
     return 0

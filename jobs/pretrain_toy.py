@@ -22,13 +22,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.utils.driver import offline_mode  # noqa: E402
+
+offline_mode()  # before diffusers / transformers are imported (below)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers.training_utils import EMAModel  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
 from pipeline.backbones.unet import UNetBackbone  # noqa: E402
 from pipeline.objectives import DiffusionProcess  # noqa: E402
 from pipeline.toyworld import corrupt_spec, render_batch, to_tensor, train_specs  # noqa: E402
@@ -117,7 +121,7 @@ def pretrain(args: argparse.Namespace) -> dict:
                "final_loss_ema": running, "seconds": round(time.time() - t0, 1),
                "params": {"unet": sum(p.numel() for p in unet.parameters()),
                           "text_encoder": sum(p.numel() for p in text_encoder.parameters())}}
-    with atomic_directory(args.out) as tmp:
+    with atomic_directory(args.out, marker=True) as tmp:
         backbone.save_pretrained(tmp)
         (tmp / "model_index.json").write_text(json.dumps({
             "_class_name": "ToyWorldReference", "_note": "load with pipeline.backbones.UNetBackbone",

@@ -89,14 +89,18 @@ def build(args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
+    from pipeline.utils.driver import ElapsedLog, offline_mode, start_ray
+
+    offline_mode()  # before torch / diffusers / transformers / Ray are imported
     args = parse_args(argv)
     cfg = build(args)
     from pipeline.sweep import run_sweep
-    from pipeline.utils.driver import ElapsedLog, start_ray
+    from pipeline.utils.runlock import run_lock
 
-    start_ray(args.num_cpus)
-    log = ElapsedLog()
-    res = run_sweep(cfg, args.out, log=log)
+    with run_lock(args.out):  # one sweep per output folder; clears killed writes' leftovers
+        start_ray(args.num_cpus)
+        log = ElapsedLog()
+        res = run_sweep(cfg, args.out, log=log)
     print((args.out / "results.md").read_text())
     print(f"done in {log.seconds:.0f} s; see {args.out}/results.md, results.csv, reward_vs_hparams.png"
           + (f" and {args.out}/best_config.yaml" if res["best"] else ""))

@@ -6,7 +6,7 @@
     ray job submit --working-dir . -- python jobs/train.py --config train.yaml --pairs /shared/pairs --out /shared/runs/x
 
 ``--pairs`` is a folder written by ``jobs/generate_pairs.py --out`` (or the Parquet folder ``pairs/`` inside
-it). Config: fields of ``TrainConfig`` (pipeline/training/loop.py: model, objective, objective_overrides,
+it). Config: fields of ``TrainConfig`` (pipeline/training/config.py: model, objective, objective_overrides,
 sdpo_mu, lora_rank, lr, max_steps, batch_size, num_workers, …) from ``--config`` (JSON or YAML), then
 ``--set key=value`` overrides (``objective_overrides.beta=2000`` for nested fields). Unset fields keep
 their defaults: the shipped toy reference model, SIPO, 100 steps of batch 8 on one CPU worker.
@@ -148,16 +148,33 @@ def write_outputs(cfg, result, out: Path) -> dict:
     curves = {k: ([h["step"] for h in history if k in h], [h[k] for h in history if k in h])
               for k in shown if any(k in h for h in history)}
     plot_curves(curves, out / "curves.png", xlabel="optimizer step",
-                title=f"{cfg.objective}{' + SDPO' if cfg.sdpo_mu >= 0 else ''}, lr {cfg.lr:g}, batch {cfg.batch_size}")
+                title=f"{cfg.objective}{' + SDPO' if cfg.safeguard_on else ''}, lr {cfg.lr:g}, batch {cfg.batch_size}")
     return history[-1]
 
 
 def main(argv=None) -> int:
+    from contextlib import ExitStack
+
+    from pipeline.utils.driver import offline_mode
+
+    offline_mode()  # before torch / diffusers / transformers / Ray are imported
     args = parse_args(argv)
     cfg = build(args)
     pairs = resolve_pairs(args.pairs)
     num_pairs = check_inputs(cfg, pairs)
     storage = (args.storage or args.out / "ray_storage").resolve()
+
+    from pipeline.utils.runlock import run_lock
+
+    # one job per output folder and per Ray Train run folder (runs with other --out may share a --storage)
+    with ExitStack() as locks:
+        for folder in dict.fromkeys([args.out.resolve(), storage / args.name]):
+            locks.enter_context(run_lock(folder))
+        return _train(args, cfg, pairs, num_pairs, storage)
+
+
+def _train(args: argparse.Namespace, cfg, pairs: Path, num_pairs: int, storage: Path) -> int:
+    """Train and export, holding the run locks."""
     check_run_record(storage / args.name, cfg, pairs)
 
     from pipeline.training.trainer import run_training
@@ -168,7 +185,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     print(f"training {cfg.objective} on {num_pairs} pairs from {pairs}: {cfg.max_steps} steps × batch "
           f"{cfg.batch_size} × {cfg.num_workers} worker(s); Ray Train run {storage / args.name}", flush=True)
-    result = run_training(cfg, pairs, storage, args.name)
+    result = run_training(cfg, pairs, storage, args.name, logdir=args.out / "tensorboard")
     seconds = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     last = write_outputs(cfg, result, args.out)

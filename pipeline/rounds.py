@@ -37,7 +37,7 @@ from .rewards import build_reward
 from .export import checkpoint_history, export_model, policy_from_checkpoint
 from .sampling import SamplerConfig
 from .toyworld.reference import REFERENCE_DIR
-from .training.loop import TrainConfig
+from .training.config import TrainConfig
 from .training.trainer import run_training
 from .utils.atomic import atomic_directory, atomic_write_bytes, is_complete
 from .utils.plots import plot_curves
@@ -164,7 +164,8 @@ def _run_round(cfg: RoundsConfig, k: int, policy: str, run_dir: Path, log) -> No
     manifest = generate(cfg.generation_config(k, policy), work / "pairs")
     reference = policy if cfg.reference == "refresh" else ""
     log(f"round {k}: training on {manifest['num_pairs']} pairs")
-    result = run_training(cfg.train_config(policy, reference), work / "pairs" / "pairs", work / "ray", "train")
+    result = run_training(cfg.train_config(policy, reference), work / "pairs" / "pairs", work / "ray", "train",
+                          logdir=run_dir / "tensorboard" / f"round_{k}")
     with result.checkpoint.as_directory() as d:
         policy_from_checkpoint(d, work / POLICY_FILE)
         history = checkpoint_history(d)

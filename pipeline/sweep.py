@@ -371,7 +371,7 @@ def _write_outputs(cfg: SweepConfig, out: Path, rows: list[dict], best: dict | N
     lines = [
         f"# Sweep: {cfg.search} over {', '.join(swept)} ({len(rows)} trials)",
         "",
-        f"Objective `{train.objective}` (SDPO safeguard: {train.sdpo_space + ' space' if train.sdpo_mu >= 0 else 'off'}), "
+        f"Objective `{train.objective}` (SDPO safeguard: {train.sdpo_space + ' space' if train.safeguard_on else 'off'}), "
         f"lr {train.lr:g}, batch {train.batch_size}; up to {cfg.segments} segments × "
         f"{cfg.step_size} steps; ASHA on the held-out reward (grace {cfg.grace_period} segment(s), reduction factor "
         f"{cfg.reduction_factor:g}). Fixed: " + (", ".join(f"{p}={fixed[p]:g}" for p in PARAMS if p not in swept) or "–") + ".",

@@ -72,7 +72,7 @@ def tiny_pairs(tiny_toy_model_dir, tmp_path_factory):
 @pytest.fixture()
 def tiny_train_config(tiny_toy_model_dir):
     """``make(**overrides)``: a fast TrainConfig for the tiny model."""
-    from pipeline.training.loop import TrainConfig
+    from pipeline.training.config import TrainConfig
 
     def make(**kw):
         base = dict(model=str(tiny_toy_model_dir), objective="ddspo", sdpo_mu=0.5, lr=1e-3, max_steps=2, batch_size=2,

@@ -124,6 +124,21 @@ def test_parameter_lambda_differs_from_output_lambda_for_a_real_jacobian():
     assert max(diffs) > 1e-2
 
 
+def test_parameter_lambda_takes_the_module_or_its_parameters():
+    """The module form (what the training step passes, needed under FSDP2) equals the parameter list; frozen
+    parameters do not count."""
+    pw, tw, pl, tl = correlated_pair(4, seed=3)
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(108, 64), torch.nn.Tanh(), torch.nn.Linear(64, 108))
+    net[1].requires_grad_(False)
+    out = net(torch.cat([pw, pl])).reshape(8, 3, 6, 6)
+    tw, tl = out[:4].detach() - (pw - tw), out[4:].detach() - (pl - tl)
+    by_module = parameter_space_lambda(out[:4], tw, out[4:], tl, net, mu=0.1)
+    by_list = parameter_space_lambda(out[:4], tw, out[4:], tl, list(net[3].parameters()), mu=0.1)
+    torch.testing.assert_close(by_module, by_list, rtol=0, atol=0)
+    assert 0.0 < float(by_module) < 1.0
+
+
 class TinyDenoiser(torch.nn.Module):
     def __init__(self, dim=8, hidden=32):
         super().__init__()

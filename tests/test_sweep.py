@@ -140,7 +140,7 @@ def test_optuna_sweep_two_trials_at_a_time(tiny_toy_model_dir, grid_sweep, tmp_p
 def test_config_errors_name_the_field():
     with pytest.raises(SystemExit, match="unknown config field"):
         sweep.build(sweep.parse_args(["--set", "segmentz=2"]))
-    with pytest.raises(ValueError, match=r"grid\.mu=2.*safeguard\.mu"):
+    with pytest.raises(ValueError, match=r"grid\.mu=2.*train\.sdpo_mu=2"):
         sweep.build(sweep.parse_args(["--set", "grid.mu=[2]"]))
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         sweep.build(sweep.parse_args(["--set", "grid.lr=[1e-4]"]))

@@ -82,16 +82,21 @@ class Backbone(ABC):
     def _denoise(self, module: nn.Module, x_t: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
         """Run a denoiser module; ``timesteps`` are the values the network is conditioned on."""
 
-    def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning, *, reference: bool = False) -> Tensor:
+    def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning, *, reference: bool | nn.Module = False) -> Tensor:
         """The network output (in the process's parameterization) at training-grid indices ``t``.
 
-        ``reference=True`` runs the frozen reference without gradient.
+        ``reference=True`` runs the frozen reference without gradient; a module runs that module instead (the
+        reference a trainer built and owns, see ``pipeline/training/reference.py``).
         """
         return self.predict_at(x_t, self.process.model_input_timesteps(t), cond, reference=reference)
 
-    def predict_at(self, x_t: Tensor, timesteps: Tensor, cond: Conditioning, *, reference: bool = False) -> Tensor:
+    def predict_at(self, x_t: Tensor, timesteps: Tensor, cond: Conditioning, *,
+                   reference: bool | nn.Module = False) -> Tensor:
         """Like :meth:`predict` with the network's own timestep values (samplers step off the grid)."""
         timesteps = timesteps.to(x_t.device)
+        if isinstance(reference, nn.Module):
+            with torch.no_grad():
+                return self._denoise(reference, x_t, timesteps, cond)
         if reference:
             with torch.no_grad(), self.reference_module() as ref:
                 return self._denoise(ref, x_t, timesteps, cond)

@@ -46,7 +46,7 @@ def load_backbone(path: str | Path, *, device: str | torch.device = "cpu", dtype
 
     ``weights`` is a trained denoiser (``denoiser.safetensors`` written by the trainer) loaded strictly on
     top of the folder's — how a round's policy is restored for sampling and evaluation. (Training sets its
-    reference explicitly; see ``pipeline/training/loop.py``.) ``lora_rank > 0`` trains LoRA adapters.
+    reference explicitly; see ``pipeline/training/reference.py``.) ``lora_rank > 0`` trains LoRA adapters.
     """
     backbone = backbone_class(path).from_pretrained(path, device=device, dtype=dtype)
     if lora_rank:

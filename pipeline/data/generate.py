@@ -28,12 +28,12 @@ import ray
 
 from ..sampling import SamplerConfig
 from ..toyworld.reference import REFERENCE_DIR
-from ..utils.atomic import atomic_directory, is_complete
+from ..utils.atomic import NotOurOutput, atomic_directory, check_replaceable, is_complete
 from . import pairing, stages
 from .perturb import PERTURBATIONS
-from .schema import STRATEGIES, read_pairs
+from .schema import MANIFEST, STRATEGIES, folder_checksums, read_pairs
 
-MANIFEST = "manifest.json"
+PARQUET_DIR = "pairs"
 LIGHT_STAGE_CPUS = 0.25
 ROWS_PER_PARTITION = 512
 
@@ -150,23 +150,43 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
                                                       policy_version=cfg.policy_version), **light)
 
 
-def generate(cfg: GenerationConfig, out: str | Path) -> dict:
-    """Run the pipeline into ``out`` (atomically); returns the manifest. Idempotent for the same config."""
+def existing_output(cfg: GenerationConfig, out: str | Path) -> dict | None:
+    """The manifest of a finished dataset at ``out`` made with this config, ``None`` when ``out`` is absent or
+    empty; anything else at ``out`` is refused (a dataset of another config, another output, a user's files).
+    Cheap: jobs call it before starting Ray."""
     out = Path(out)
     if is_complete(out):
+        if not (out / MANIFEST).is_file():
+            raise NotOurOutput(f"{out} is a finished output of this project but not a pairs dataset (no {MANIFEST}); "
+                               f"choose another --out")
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest["fingerprint"] == cfg.fingerprint():
-            return {**manifest, "skipped": True}
+            return manifest
         raise FileExistsError(f"{out} holds a finished dataset made with another config "
                               f"(fingerprint {manifest['fingerprint']} != {cfg.fingerprint()}); choose another --out")
+    check_replaceable(out)
+    return None
+
+
+def generate(cfg: GenerationConfig, out: str | Path) -> dict:
+    """Run the pipeline into ``out`` (atomically); returns the manifest. Idempotent for the same config.
+
+    ``out`` must be absent, empty, or a finished dataset of this project: anything else is refused before
+    any work starts and left untouched (:func:`existing_output`).
+    """
+    out = Path(out)
+    manifest = existing_output(cfg, out)
+    if manifest is not None:
+        return {**manifest, "skipped": True}
     t0 = time.time()
     with atomic_directory(out, marker=True) as tmp:
         ds = build_dataset(cfg).sort("pair_id")  # a stable row order: reruns write identical files
-        ds.write_parquet(str(tmp / "pairs"), min_rows_per_file=100_000)
-        table = read_pairs(tmp / "pairs")  # validate what was written before marking it complete
+        ds.write_parquet(str(tmp / PARQUET_DIR), min_rows_per_file=100_000)
+        table = read_pairs(tmp / PARQUET_DIR)  # validate what was written (schema, finite values) before marking it
         manifest = {
             "fingerprint": cfg.fingerprint(), "config": asdict(cfg), "num_pairs": table.num_rows,
             "num_prompts": len(set(table.column("prompt").to_pylist())), "seconds": round(time.time() - t0, 2),
+            "parquet_dir": PARQUET_DIR, "files": folder_checksums(tmp / PARQUET_DIR),
         }
         if cfg.strategy == "onpolicy" and table.num_rows:
             gap = (table.column("reward_w").to_numpy() - table.column("reward_l").to_numpy())

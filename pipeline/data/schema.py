@@ -16,6 +16,7 @@ was built from. ``pair_id`` is a deterministic hash of how the pair was made, so
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,13 @@ PAIR_SCHEMA = pa.schema([
     ("png_w", pa.binary()),
     ("png_l", pa.binary()),
 ])
+
+
+#: Largest magnitude a stored latent may have. Pixel-space images live in [-1, 1] and VAE latents (scaled by the
+#: VAE's scaling factor) within a few tens; anything near this bound is corruption, not data.
+MAX_ABS_LATENT = 1e4
+
+MANIFEST = "manifest.json"  # beside the Parquet folder: the dataset's config, counts and per-file checksums
 
 
 class SchemaError(ValueError):
@@ -83,17 +91,90 @@ def validate_table(table: pa.Table, source: str = "<table>") -> pa.Table:
         row = int(np.argmax((sizes != expected) | (sizes_l != expected)))
         raise SchemaError(f"{source}: row {row} latent length {sizes[row]}/{sizes_l[row]} does not match "
                           f"latent_shape {table.column('latent_shape')[row].as_py()}")
+    for name in ("latent_w", "latent_l"):
+        _check_values(table, name, source)
+    for name in ("reward_w", "reward_l"):  # NaN means "not scored" (label-free strategies); ±inf is never valid
+        inf = np.isinf(table.column(name).to_numpy(zero_copy_only=False))
+        if inf.any():
+            row = int(np.argmax(inf))
+            raise SchemaError(f"{source}: row {row} (pair_id {table.column('pair_id')[row].as_py()}) has {name} = "
+                              f"{table.column(name)[row].as_py()}; expected a finite reward or NaN (not scored)")
     return table
 
 
+def _check_values(table: pa.Table, column: str, source: str) -> None:
+    """Every latent value finite and within ±MAX_ABS_LATENT; the error names the first offending pair."""
+    chunked = table.column(column).combine_chunks()
+    flat = chunked.flatten().to_numpy(zero_copy_only=False)
+    bad = ~np.isfinite(flat) | (np.abs(flat) > MAX_ABS_LATENT)
+    if not bad.any():
+        return
+    first = int(np.argmax(bad))
+    offsets = chunked.offsets.to_numpy()
+    row = int(np.searchsorted(offsets, first, side="right") - 1)
+    rows = np.unique(np.searchsorted(offsets, np.flatnonzero(bad), side="right") - 1)
+    ids = table.column("pair_id").take(pa.array(rows[:5])).to_pylist()
+    raise SchemaError(f"{source}: {column} of {len(rows)} pair(s) holds non-finite or out-of-range values "
+                      f"(first: row {row}, pair_id {table.column('pair_id')[row].as_py()}, value {flat[first]!r}; "
+                      f"expected finite values within ±{MAX_ABS_LATENT:g}); pair ids {ids}"
+                      f"{' …' if len(rows) > 5 else ''}")
+
+
+def file_checksum(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (the manifest records one per Parquet part)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_checksums(folder: str | Path) -> dict[str, str]:
+    """``{file name: sha256}`` of every Parquet part in a folder."""
+    return {f.name: file_checksum(f) for f in sorted(Path(folder).glob("*.parquet"))}
+
+
+def _manifest_of(folder: Path) -> dict | None:
+    """The dataset manifest beside a Parquet folder, when it records checksums (``None`` for bare files)."""
+    path = folder.parent / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SchemaError(f"{path}: not valid JSON ({err})") from err
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    return manifest if isinstance(files, dict) and manifest.get("parquet_dir") == folder.name else None
+
+
+def verify_checksums(folder: Path, manifest: dict) -> None:
+    """The Parquet parts are exactly the ones the manifest lists, byte for byte."""
+    expected = manifest["files"]
+    found = {f.name for f in folder.glob("*.parquet")}
+    if found != set(expected):
+        raise SchemaError(f"{folder}: Parquet files {sorted(found)} differ from those its manifest lists "
+                          f"{sorted(expected)} ({folder.parent / MANIFEST})")
+    for name, digest in expected.items():
+        actual = file_checksum(folder / name)
+        if actual != digest:
+            raise SchemaError(f"{folder / name}: checksum {actual[:12]}… does not match the manifest's "
+                              f"{digest[:12]}… — the file changed or is corrupt since it was written")
+
+
 def read_pairs(path: str | Path) -> pa.Table:
-    """Read and validate a pairs file or a folder of Parquet parts."""
+    """Read and validate a pairs file, a folder of Parquet parts, or a dataset folder (``manifest.json`` +
+    ``pairs/``). When a manifest records checksums, every part is verified against it first."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"pairs dataset {path} does not exist")
+    if path.is_dir() and not any(path.glob("*.parquet")) and (path / "pairs").is_dir():
+        path = path / "pairs"  # a dataset folder (manifest.json + pairs/)
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise SchemaError(f"{path}: no .parquet files in this folder")
+    manifest = _manifest_of(path) if path.is_dir() else None
+    if manifest is not None:
+        verify_checksums(path, manifest)
     tables = []
     for f in files:
         try:

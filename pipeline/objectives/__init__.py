@@ -13,8 +13,26 @@ from .importance import (
     log_density_ratio,
     sipo_logit_weights,
 )
-from .losses import beta_from_convention, dmpo_loss, dpo_loss, dspo_loss, preference_logit, residual
-from .objective import PRESETS, ObjectiveConfig, ObjectiveOutput, SafeguardConfig, preference_loss, preset
+from .losses import (
+    beta_from_convention,
+    dmpo_loss,
+    dpo_loss,
+    dspo_loss,
+    dspo_sdxl_loss,
+    preference_logit,
+    residual,
+)
+from .objective import (
+    FAMILIES,
+    PRESETS,
+    ObjectiveConfig,
+    ObjectiveOutput,
+    SafeguardConfig,
+    preference_loss,
+    preset,
+    sdpo_mu,
+    to_residual_space,
+)
 from .process import DiffusionProcess, GaussianTransition, NoisedPair, Parameterization
 from .safeguard import lambda_stats, output_space_lambda, parameter_space_lambda, scale_gradient
 
@@ -22,8 +40,9 @@ __all__ = [
     "DdspoTargets", "LoserSource", "ddspo_targets", "derangement",
     "clip_and_mask_weights", "gaussian_log_prob", "importance_log_weight", "log_density_ratio",
     "sipo_logit_weights",
-    "beta_from_convention", "dmpo_loss", "dpo_loss", "dspo_loss", "preference_logit", "residual",
-    "PRESETS", "ObjectiveConfig", "ObjectiveOutput", "SafeguardConfig", "preference_loss", "preset",
+    "beta_from_convention", "dmpo_loss", "dpo_loss", "dspo_loss", "dspo_sdxl_loss", "preference_logit", "residual",
+    "FAMILIES", "PRESETS", "ObjectiveConfig", "ObjectiveOutput", "SafeguardConfig", "preference_loss", "preset",
+    "sdpo_mu", "to_residual_space",
     "DiffusionProcess", "GaussianTransition", "NoisedPair", "Parameterization",
     "lambda_stats", "output_space_lambda", "parameter_space_lambda", "scale_gradient",
 ]

@@ -1,4 +1,4 @@
-"""Residuals, the preference logit z, and the per-pair losses of Diffusion-DPO, DMPO and DSPO.
+"""Residuals, the preference logit z, and the per-pair losses of Diffusion-DPO, DMPO and DSPO (both forms).
 
 Notation (DESIGN.md): the per-sample residual is ``L = ½·mean_dims(‖pred − target‖²)`` in fp32, and
 
@@ -70,3 +70,24 @@ def dspo_loss(z: Tensor, policy_pred_w: Tensor, target_w: Tensor, ref_pred_w: Te
     shift = beta * (1.0 - torch.sigmoid(z)).reshape(-1, *([1] * (policy_pred_w.dim() - 1)))
     diff = (policy_pred_w.float() - target_w.float()) - shift * (policy_pred_w.float() - ref_pred_w.float())
     return diff.pow(2).flatten(1).mean(1)
+
+
+def dspo_sdxl_loss(z: Tensor, policy_pred_w: Tensor, ref_pred_w: Tensor, threshold: float = 0.1) -> Tensor:
+    """DSPO per-pair loss of the SDPO authors' SDXL recipe (``train.py`` with ``--sdxl``, β = 5000 in z).
+
+    With the winner's drift from the reference ``d = mean_dims(‖pθ_w − pref_w‖²)`` per pair:
+
+    * ``(1 − σ(z))² · d`` when the micro-batch mean of d is ≥ ``threshold`` (0.1 in the recipe): the
+      recipe's ``mean‖(1 − σ(z))·(pθ_w − pref_w)‖²``, a pull towards the reference scaled by how unsure
+      the preference still is;
+    * ``(1 − σ(z))²`` otherwise — in particular at the start, where the policy is the reference. Its
+      gradient ``−2σ(z)(1 − σ(z))²·∇z`` is DPO's ``−(1 − σ(z))·∇z`` weighted by ``2σ(z)(1 − σ(z))``
+      (½ at z = 0, vanishing as a pair becomes certain either way): a DPO-like loss.
+
+    Neither the score-matching term of the SD 1.5 form (:func:`dspo_loss`) nor a β-scaled shift appears:
+    β acts only through z. σ(z) and d are not detached (as in the recipe). The branch is chosen per
+    micro-batch without a host sync (``torch.where``).
+    """
+    drift = (policy_pred_w.float() - ref_pred_w.float()).pow(2).flatten(1).mean(1)
+    gap = (1.0 - torch.sigmoid(z)).pow(2)
+    return torch.where(drift.mean() >= threshold, gap * drift, gap)

@@ -28,10 +28,17 @@ no download; context length 77.
 name a JSON config file (open_clip's format: ``embed_dim`` / ``vision_cfg`` / ``text_cfg``),
 which is registered with ``open_clip.add_model_config`` under its file stem — the supported way
 to add architectures (tests use a tiny one).
+
+Local only: a ``model_name`` with open_clip's ``hf-hub:`` schema, or a model config (the file's or
+a built-in one's) that names a hub resource — a Hugging Face text tower or tokenizer
+(``text_cfg.hf_model_name`` / ``hf_tokenizer_name``) that is not a local folder, any ``hf-hub:``
+value, a ``pretrained`` tag that is not a local file, or the ``syntax`` reduction mask (it downloads
+nltk data) — is refused with a :class:`RewardModelError` naming the field, before open_clip sees it.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -47,13 +54,55 @@ WHAT = "HPS"
 _REGISTER_LOCK = threading.Lock()
 
 
+#: open_clip config keys whose value is a Hugging Face model / tokenizer id (a hub lookup unless local)
+_HF_NAME_KEYS = ("hf_model_name", "hf_tokenizer_name", "hf_processor_name")
+_HUB_PREFIX = "hf-hub:"
+
+
+def hub_references(config: Any, prefix: str = "") -> list[str]:
+    """The fields of an open_clip model config that name something off this machine, as
+    ``"text_cfg.hf_model_name='roberta-base'"`` strings (empty: the config is local only)."""
+    found: list[str] = []
+    if isinstance(config, dict):
+        for key, value in config.items():
+            field = f"{prefix}{key}"
+            if isinstance(value, (dict, list)):
+                found += hub_references(value, f"{field}.")
+            elif not isinstance(value, str) or not value:
+                continue
+            elif value.startswith(_HUB_PREFIX):
+                found.append(f"{field}={value!r}")
+            elif key in _HF_NAME_KEYS and not Path(value).expanduser().exists():
+                found.append(f"{field}={value!r} (a Hugging Face hub id, not a local folder)")
+            elif (key == "pretrained" or key.endswith("_pretrained")) and not Path(value).expanduser().is_file():
+                found.append(f"{field}={value!r} (a pretrained tag, not a local file)")
+            elif key == "reduction_mask" and value == "syntax":
+                found.append(f"{field}='syntax' (downloads nltk data)")
+    elif isinstance(config, list):
+        for i, value in enumerate(config):
+            found += hub_references(value, f"{prefix}{i}.")
+    return found
+
+
+def _refuse_hub(found: list[str], source: str) -> None:
+    if found:
+        raise RewardModelError(f"{WHAT}: {source} names a hub resource: {'; '.join(found)}. Reward models load "
+                               f"from local paths only — point the field at a local folder/file or drop it")
+
+
 def register_open_clip_config(config_file: Any) -> str:
-    """Register an open_clip model-config JSON; returns the model name (the file stem)."""
+    """Register an open_clip model-config JSON; returns the model name (the file stem). A config that
+    names a hub resource (:func:`hub_references`) is refused, naming the field."""
     import open_clip
 
     p = require_path(config_file, f"{WHAT} model_config")
     if not p.is_file() or p.suffix != ".json":
         raise RewardModelError(f"{WHAT}: model_config {p} must be an open_clip config .json file")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RewardModelError(f"{WHAT}: model_config {p} is not a JSON file ({e})") from e
+    _refuse_hub(hub_references(data), f"model_config {p}")
     with _REGISTER_LOCK:
         open_clip.add_model_config(p)
     name = p.stem
@@ -81,9 +130,15 @@ class HPSv2(RewardModel):
             ckpt = p
         if model_config is not None:
             model_name = register_open_clip_config(model_config)
-        if open_clip.get_model_config(model_name) is None:
+        elif str(model_name).startswith(_HUB_PREFIX):
+            raise RewardModelError(f"{WHAT}: model_name={model_name!r} names a hub resource (open_clip's "
+                                   f"{_HUB_PREFIX} schema); reward models load from local paths only — pass "
+                                   f"model_config=<path to a config .json> and a local checkpoint")
+        arch = open_clip.get_model_config(model_name)
+        if arch is None:
             raise RewardModelError(f"{WHAT}: unknown open_clip model config {model_name!r}; pass "
                                    f"model_config=<path to a config .json>")
+        _refuse_hub(hub_references(arch), f"model_name={model_name!r} (its open_clip model config)")
         state = strip_prefix(load_state_dict_file(ckpt, WHAT))
         if "visual.class_embedding" not in state and "visual.conv1.weight" not in state:
             raise RewardModelError(f"{WHAT}: {ckpt} is not an open_clip CLIP checkpoint "

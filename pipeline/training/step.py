@@ -21,18 +21,21 @@ import torch
 from torch import Tensor
 
 from ..backbones.base import Backbone, cat_conditioning
-from ..objectives import ObjectiveConfig, ObjectiveOutput, ddspo_targets, importance_log_weight, preference_loss
+from ..objectives import (ObjectiveConfig, ObjectiveOutput, ddspo_targets, importance_log_weight, preference_loss,
+                          to_residual_space)
 from ..objectives.safeguard import parameter_space_lambda
 
 
 @dataclass
 class PairBatch:
-    """Winner/loser latents (N, C, H, W), their prompts, and c⁻ for DDSPO objectives."""
+    """Winner/loser latents (N, C, H, W), their prompts, c⁻ for DDSPO objectives, and the pairs' ids (so that an
+    error can name the pairs it came from)."""
 
     x0_w: Tensor
     x0_l: Tensor
     prompts: Sequence[str]
     perturbed_prompts: Sequence[str] | None = None
+    pair_ids: Sequence[str] | None = None
 
     def __post_init__(self):
         if self.x0_w.shape != self.x0_l.shape or self.x0_w.shape[0] != len(self.prompts):
@@ -41,8 +44,13 @@ class PairBatch:
 
 
 def preference_step(backbone: Backbone, cfg: ObjectiveConfig, batch: PairBatch, *,
-                    generator: torch.Generator | None = None) -> ObjectiveOutput:
-    """Forward passes and the objective for one micro-batch; returns the loss (with graph) and metrics."""
+                    generator: torch.Generator | None = None, reference: torch.nn.Module | None = None) -> ObjectiveOutput:
+    """Forward passes and the objective for one micro-batch; returns the loss (with graph) and metrics.
+
+    ``reference`` is the frozen reference denoiser the trainer owns (``None``: the backbone's own — the
+    denoiser with LoRA adapters off, or its lazily taken copy).
+    """
+    ref_kw = dict(reference=True if reference is None else reference)
     process = backbone.process
     device = backbone.device
     n = len(batch.prompts)
@@ -59,12 +67,12 @@ def preference_step(backbone: Backbone, cfg: ObjectiveConfig, batch: PairBatch, 
             raise ValueError("objective.targets='ddspo' needs a perturbed prompt (c⁻) for every pair")
         cond_minus = backbone.encode_prompts(batch.perturbed_prompts)
         ref = backbone.predict(torch.cat([x_t, pair.x_t_l]), t.repeat(3),
-                               cat_conditioning([cond, cond, cond_minus]), reference=True)
+                               cat_conditioning([cond, cond, cond_minus]), **ref_kw)
         ref_w_c, ref_l_c, ref_l_cminus = ref.chunk(3)
         tg = ddspo_targets(ref_w_c, ref_l_c, ref_l_cminus)
         ref_w, ref_l, target_w, target_l = tg.ref_w, tg.ref_l, tg.target_w, tg.target_l
     else:
-        ref_w, ref_l = backbone.predict(x_t, t.repeat(2), cat_conditioning([cond, cond]), reference=True).chunk(2)
+        ref_w, ref_l = backbone.predict(x_t, t.repeat(2), cat_conditioning([cond, cond]), **ref_kw).chunk(2)
         target_w, target_l = pair.target_w, pair.target_l
 
     log_w_w = log_w_l = None
@@ -75,8 +83,15 @@ def preference_step(backbone: Backbone, cfg: ObjectiveConfig, batch: PairBatch, 
 
     loser_scale = None
     if cfg.safeguard is not None and cfg.safeguard.space == "parameter":
-        loser_scale = parameter_space_lambda(policy_w, target_w, policy_l, target_l, backbone.trainable_parameters(),
-                                             mu=cfg.safeguard.mu)
+        # The λ of the residuals the loss uses (x̂0 for residual_space="x0"). The module, not a parameter list:
+        # under FSDP2 its root holds unsharded copies until backward.
+        def space(y: Tensor, x_t: Tensor) -> Tensor:
+            return to_residual_space(cfg, process, y, x_t, t)
+
+        loser_scale = parameter_space_lambda(space(policy_w, pair.x_t_w), space(target_w, pair.x_t_w),
+                                             space(policy_l, pair.x_t_l), space(target_l, pair.x_t_l),
+                                             backbone.denoiser, mu=cfg.safeguard.mu)
     return preference_loss(cfg, policy_w=policy_w, policy_l=policy_l, ref_w=ref_w, ref_l=ref_l, target_w=target_w,
                            target_l=target_l, log_w_w=log_w_w, log_w_l=log_w_l,
-                           num_train_timesteps=process.num_timesteps, loser_scale=loser_scale)
+                           num_train_timesteps=process.num_timesteps, loser_scale=loser_scale,
+                           timesteps=t, process=process, x_t_w=pair.x_t_w, x_t_l=pair.x_t_l)

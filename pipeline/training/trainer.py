@@ -2,7 +2,8 @@
 
 Relaunching with the same ``storage`` and ``name`` resumes from the latest checkpoint (Ray Train V2
 restores the run's state from its storage path); a worker that dies mid-run is restarted from the last
-checkpoint up to ``max_failures`` times.
+checkpoint up to ``max_failures`` times. A deterministic failure inside the workers (see ``worker.py``)
+is raised here at once, without retries.
 """
 
 from __future__ import annotations
@@ -10,16 +11,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..data.schema import read_pairs
-from .loop import TrainConfig, config_dict, train_loop_per_worker
+from .config import TrainConfig
+from .engine import TrainingDiverged
+from .tracking import MetricsTracker
+from .worker import FATAL_KEY, config_dict, train_loop_per_worker
 
 
-def run_training(cfg: TrainConfig, pairs: str | Path, storage: str | Path, name: str, *, max_failures: int = 2):
-    """Train on a pairs dataset; returns Ray Train's ``Result`` (``result.checkpoint`` is the last one)."""
-    table = read_pairs(pairs)  # validate the schema before any worker starts
+class TrainingFailed(RuntimeError):
+    """The workers stopped on a deterministic error (the message is theirs)."""
+
+
+def run_training(cfg: TrainConfig, pairs: str | Path, storage: str | Path, name: str, *, max_failures: int = 2,
+                 logdir: str | Path | None = None):
+    """Train on a pairs dataset; returns Ray Train's ``Result`` (``result.checkpoint`` is the last one).
+
+    Every ``log_every`` steps the metrics go to TensorBoard event files and ``progress.jsonl`` in ``logdir``
+    (default ``<storage>/<name>/tensorboard``)."""
+    table = read_pairs(pairs)  # validate the schema, checksums and values before any worker starts
     if table.num_rows < cfg.batch_size * cfg.num_workers:
         raise ValueError(f"{pairs}: {table.num_rows} pairs, fewer than one batch per worker "
                          f"({cfg.batch_size} × {cfg.num_workers} workers)")
@@ -31,7 +43,15 @@ def run_training(cfg: TrainConfig, pairs: str | Path, storage: str | Path, name:
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=[MetricsTracker(Path(logdir or Path(storage) / name / "tensorboard").resolve())]),
         datasets={"train": dataset},
+        # every worker sees every pair; the engine's sampler gives each rank its share deterministically
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    fatal = (result.metrics or {}).get(FATAL_KEY)
+    if fatal:
+        cls = TrainingDiverged if fatal.startswith(TrainingDiverged.__name__) else TrainingFailed
+        raise cls(f"training stopped ({Path(storage) / name}): {fatal}")
+    return result

@@ -1,16 +1,127 @@
-"""What a job's driver does first: join Ray and log with the seconds elapsed since it started."""
+"""What a job's driver does first: go offline, join Ray (or start a loopback-only local one) and log with the
+seconds elapsed since it started.
+
+Every job calls :func:`offline_mode` before it imports torch, diffusers, transformers, open_clip or Ray (their
+hub settings are read once, at import), then :func:`start_ray`, which passes the same settings to every Ray
+worker of the job (``runtime_env`` ``env_vars``). Models and reward weights are only ever loaded from local
+paths; these settings make any slip (a hub name in a config, a library's update check) fail at once instead
+of hanging on a network that is not there.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
+import warnings
+
+#: Environment variables that keep the libraries off the network. ``HF_HUB_OFFLINE`` covers huggingface_hub
+#: and everything built on it (diffusers, transformers, open_clip's and timm's hub downloads); the others are
+#: the libraries' own switches (older transformers/datasets, telemetry, huggingface_hub's update check, Ray's
+#: usage-stats report).
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DISABLE_TELEMETRY": "1",  # diffusers / transformers' older spelling
+    "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+#: Where a local Ray instance binds (its node address, agents, metrics export, dashboard if any). Set this
+#: environment variable to a routable address of the machine to let other machines reach a local instance.
+NODE_IP_ENV = "PIPELINE_RAY_NODE_IP"
+LOOPBACK = "127.0.0.1"
+
+_LATE = ("huggingface_hub", "transformers", "diffusers", "open_clip", "timm", "datasets")
 
 
-def start_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster the job was submitted to, else start a local Ray (``num_cpus``; no dashboard, worker
-    logs stay in Ray's log files)."""
+def offline_mode() -> dict[str, str]:
+    """Set :data:`OFFLINE_ENV` in this process's environment (overriding any other value) and return it.
+
+    Call it first in a job, before the model libraries are imported: huggingface_hub reads ``HF_HUB_OFFLINE``
+    when it is imported. If one of them already is (a job's ``main()`` called from a test or a notebook), the
+    environment is still set for the Ray workers and a warning says so.
+    """
+    late = [m for m in _LATE if m in sys.modules]
+    os.environ.update(OFFLINE_ENV)
+    if late:
+        hub = sys.modules.get("huggingface_hub.constants")
+        if hub is not None and not getattr(hub, "HF_HUB_OFFLINE", True):
+            warnings.warn(f"offline_mode() called after {', '.join(late)} were imported with HF_HUB_OFFLINE unset; "
+                          f"this process may still try the hub (the Ray workers will not)", RuntimeWarning, stacklevel=2)
+    return dict(OFFLINE_ENV)
+
+
+def joins_cluster() -> bool:
+    """True when ``ray.init()`` will attach to an existing cluster: ``RAY_ADDRESS`` is set (as ``ray job
+    submit`` does for its entrypoint) or the process is a submitted job's driver."""
+    return bool(os.environ.get("RAY_ADDRESS")) or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def _submitted_env_vars() -> set[str]:
+    """Env-var keys that the submitted job's own runtime_env sets (Ray refuses to merge a driver runtime_env
+    that repeats one: those keep the submitter's value)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return set()
+    return set(env)
+
+
+def ray_init_kwargs(num_cpus: int | None = None, node_ip_address: str | None = None) -> dict:
+    """The ``ray.init`` arguments of :func:`start_ray` (separate so that tests can check them).
+
+    Always: the offline variables as ``runtime_env`` ``env_vars`` (minus any the submitted job already sets),
+    no dashboard, worker logs kept in Ray's log files. A local start also binds to ``node_ip_address``, else
+    ``$PIPELINE_RAY_NODE_IP``, else ``127.0.0.1`` (dashboard host the same); joining a cluster passes none of
+    the local-start arguments.
+    """
+    taken = _submitted_env_vars()
+    env_vars = {k: v for k, v in OFFLINE_ENV.items() if k not in taken}
+    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": False, "include_dashboard": False}
+    if env_vars:
+        kwargs["runtime_env"] = {"env_vars": env_vars}
+    if joins_cluster():
+        return kwargs
+    node_ip = node_ip_address or os.environ.get(NODE_IP_ENV) or LOOPBACK
+    kwargs.update(num_cpus=num_cpus, _node_ip_address=node_ip, dashboard_host=node_ip)
+    return kwargs
+
+
+def start_ray(num_cpus: int | None = None, node_ip_address: str | None = None) -> None:
+    """Join the cluster the job was submitted to, else start a local Ray (``num_cpus``) bound to loopback.
+
+    A local instance gets node address ``127.0.0.1`` (``node_ip_address`` or ``$PIPELINE_RAY_NODE_IP``
+    choose another), so every server it starts (GCS, raylet, workers, agents, metrics export and, if
+    enabled, the dashboard) listens on loopback only. Joining a cluster (``RAY_ADDRESS`` set, or under
+    ``ray job submit``) passes none of that. Every worker gets :data:`OFFLINE_ENV`. Also applies
+    :func:`offline_mode` to this process.
+    """
+    offline_mode()
     import ray
 
-    ray.init(num_cpus=num_cpus, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    kwargs = ray_init_kwargs(num_cpus, node_ip_address)
+    loopback = kwargs.get("_node_ip_address") in (LOOPBACK, "localhost", "::1")
+    if not loopback:
+        ray.init(**kwargs)
+        return
+    # ray.init turns a loopback node address into the machine's routable one ("remotely reachable") unless
+    # Ray runs in its single-machine mode (ENABLE_RAY_CLUSTER false, the macOS/Windows default); that mode
+    # changes nothing else for a driver, so hold it for the start only.
+    from ray._private import ray_constants
+
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(**kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 class ElapsedLog:
