@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,12 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from scipy import stats
 
 from pipeline.backbones import load_backbone
+from pipeline.config import build
 from pipeline.data.schema import read_pairs
-from pipeline.evaluation import bootstrap_ci, evaluate
+from pipeline.evaluation import evaluate
+from pipeline.reporting import fmt_ci, markdown_table
 from pipeline.sampling import SamplerConfig
+from pipeline.stats import mean_ci, paired_over_seeds, t_band, t_interval, verdict
 from pipeline.toyworld import heldout_specs
 from pipeline.toyworld.reference import REFERENCE_DIR
 from pipeline.training import PairData, TrainConfig, train_in_process
@@ -107,10 +108,10 @@ def generate_pairs(model: str, out: Path, b: Budget, *, strategy: str = "onpolic
 def train_arm(model: str, data: PairData, arm: dict, *, steps: int, batch_size: int, lr: float, seed: int,
               ema_decay: float = 0.0, init: dict | None = None):
     """One arm through the product's training engine, in this process (``train_in_process``: the loop a Ray
-    Train worker runs, without Ray); ``arm`` holds the TrainConfig fields that make the arm (objective, β, μ).
-    Returns the policy (its EMA weights when ``ema_decay``) and its per-step metrics."""
-    cfg = TrainConfig(model=model, **arm, lr=lr, max_steps=steps, batch_size=batch_size, seed=seed,
-                      ema_decay=ema_decay, log_every=1, checkpoint_every=steps)
+    Train worker runs, without Ray); ``arm`` is the ``train.objective`` section that makes the arm (name, β,
+    safeguard). Returns the policy (its EMA weights when ``ema_decay``) and its per-step metrics."""
+    cfg = build(TrainConfig, dict(model=model, objective=arm, lr=lr, max_steps=steps, batch_size=batch_size,
+                                  seed=seed, ema_decay=ema_decay, log_every=1, checkpoint_every=steps))
     engine = train_in_process(cfg, data, init=init)
     return engine.apply_policy_weights(), engine.history
 
@@ -124,39 +125,16 @@ def held_out(backbone, b: Budget) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def paired(a: list[np.ndarray], b: list[np.ndarray] | np.ndarray) -> dict:
-    """Mean of arm a minus arm b (or a fixed baseline), seed-averaged per prompt, bootstrap CI over prompts;
-    ``per_seed`` shows the spread between seeds."""
-    bs = b if isinstance(b, list) else [b] * len(a)
-    diff = np.mean([x.mean(1) - y.mean(1) for x, y in zip(a, bs)], axis=0)
-    lo, hi = bootstrap_ci(diff)
-    return {"mean": float(diff.mean()), "ci_low": lo, "ci_high": hi,
-            "per_seed": [float((x - y).mean()) for x, y in zip(a, bs)]}
-
-
-def over_seeds(values: list[float]) -> dict:
-    """Mean and t interval over seeds (one value per seed)."""
-    v = np.asarray(values, dtype=np.float64)
-    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
-    return {"mean": float(v.mean()), "ci_low": float(v.mean() - half), "ci_high": float(v.mean() + half),
-            "per_seed": [float(x) for x in v]}
-
-
-def verdict(interval: dict, direction: int) -> str:
-    """``direction`` +1: the claim says the quantity is > 0; −1: < 0."""
-    lo, hi = interval["ci_low"], interval["ci_high"]
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return "inconclusive"
-    if (lo > 0 and direction > 0) or (hi < 0 and direction < 0):
-        return "reproduces"
-    if (lo > 0 and direction < 0) or (hi < 0 and direction > 0):
-        return "contradicted"
-    return "inconclusive"
+# Written once in pipeline/stats.py (intervals, verdicts) and pipeline/reporting.py (formatting): an arm's
+# difference from another arm (or a fixed baseline) is ``paired_over_seeds`` (seed-averaged per prompt,
+# bootstrap over prompts, ``per_seed`` the spread between seeds), a training-curve number ``t_interval`` over
+# seeds, and a verdict is read off the interval by ``verdict``.
+paired = paired_over_seeds
+over_seeds = t_interval
 
 
 def fmt(m: dict, sign: bool = True) -> str:
-    f = "{:+.3f}" if sign else "{:.3f}"
-    return f"{f.format(m['mean'])} [{f.format(m['ci_low'])}, {f.format(m['ci_high'])}]"
+    return fmt_ci(m, signed=sign)
 
 
 def winner_ratio(history: list[dict]) -> np.ndarray:
@@ -171,9 +149,9 @@ def smooth(x: np.ndarray, k: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ claims
 def claim_a(model: str, data: dict, ref: np.ndarray, b: Budget, figs: Path, log) -> dict:
-    arms = {"Diffusion-DPO": {"objective": "diffusion-dpo"},
-            "DPO + SDPO (output λ, μ=0.9)": {"objective": "diffusion-dpo", "sdpo_mu": 0.9},
-            "DPO + SDPO (parameter λ, μ=0)": {"objective": "diffusion-dpo", "sdpo_mu": 0.0, "sdpo_space": "parameter"}}
+    arms = {"Diffusion-DPO": {"name": "diffusion-dpo"},
+            "DPO + SDPO (output λ, μ=0.9)": {"name": "diffusion-dpo", "safeguard": {"mu": 0.9}},
+            "DPO + SDPO (parameter λ, μ=0)": {"name": "diffusion-dpo", "safeguard": {"mu": 0.0, "space": "parameter"}}}
     curves, rewards, final_ratio, lam = {}, {}, {}, {}
     for name, obj in arms.items():
         for seed in b.seeds:
@@ -188,8 +166,7 @@ def claim_a(model: str, data: dict, ref: np.ndarray, b: Budget, figs: Path, log)
     series = {}
     for name, cs in curves.items():
         c = np.stack(cs)
-        half = stats.t.ppf(0.975, len(c) - 1) * c.std(0, ddof=1) / math.sqrt(len(c)) if len(c) > 1 else 0 * c[0]
-        series[name] = (np.arange(c.shape[1]) + 1, c.mean(0), c.mean(0) - half, c.mean(0) + half)
+        series[name] = (np.arange(c.shape[1]) + 1, *t_band(c))
     plot_bands(series, figs / "a_winner_loss.png", xlabel="step (10-step moving mean)",
                ylabel="winner loss / reference's", hline=1.0,
                title=f"(a) winner loss at lr {b.aggressive_lr:g}: mean ± 95% CI over {len(b.seeds)} seeds")
@@ -209,7 +186,8 @@ def claim_a(model: str, data: dict, ref: np.ndarray, b: Budget, figs: Path, log)
 
 
 def claim_b(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dict:
-    arms = {"Diffusion-DPO": {"objective": "diffusion-dpo"}, "DDSPO": {"objective": "ddspo"}}
+    # the same β for both arms (Diffusion-DPO's 5000), so the targets are the only difference
+    arms = {"Diffusion-DPO": {"name": "diffusion-dpo"}, "DDSPO": {"name": "ddspo", "beta": 5000.0}}
     rewards = {}
     for name, obj in arms.items():
         for seed in b.seeds:
@@ -249,7 +227,7 @@ def claim_c_beta(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dic
     for name in BETA_ARMS:
         for beta in b.betas:
             for seed in b.beta_seeds:
-                policy, _ = train_arm(model, data, {"objective": name, "objective_overrides": {"beta": beta}}, steps=b.steps, batch_size=b.batch_size,
+                policy, _ = train_arm(model, data, {"name": name, "beta": beta}, steps=b.steps, batch_size=b.batch_size,
                                       lr=b.lr, seed=seed, ema_decay=b.ema_decay)
                 raw.setdefault(name, {}).setdefault(beta, []).append(held_out(policy, b))
                 log(f"(c) {name} β={beta:g} seed {seed}: reward {raw[name][beta][-1].mean():.3f}")
@@ -263,9 +241,9 @@ def claim_c_beta(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dic
 
 
 def claim_c_rounds(model: str, work: Path, ref: np.ndarray, b: Budget, log) -> dict:
-    arms = {"Diffusion-DPO": {"objective": "diffusion-dpo"},
-            "DPO-C&M": {"objective": "dpo-cm", "objective_overrides": {"beta": 5000.0}},
-            "SIPO": {"objective": "sipo", "objective_overrides": {"beta": 5000.0}}}
+    arms = {"Diffusion-DPO": {"name": "diffusion-dpo"},
+            "DPO-C&M": {"name": "dpo-cm", "beta": 5000.0},
+            "SIPO": {"name": "sipo", "beta": 5000.0}}
     res: dict[str, list[dict]] = {}
     rewards: dict[str, list[np.ndarray]] = {}
     first = generate_pairs(model, work / "rounds_0", b, prompts=b.round_prompts)  # the reference's: shared
@@ -325,18 +303,19 @@ def summary(r: dict, b: Budget) -> list[tuple[str, str, dict, int]]:
 def report(r: dict, b: Budget, argv: list[str]) -> str:
     L = ["# The papers' claims on the toy world", "",
          f"Produced by `{' '.join(['python bench/claims.py', *argv])}` in {r['minutes']:.0f} min "
-         f"(2-core CPU, torch {torch.__version__}). Model: the shipped toy reference. "
+         f"(2-core CPU, torch {r.get('torch', torch.__version__)}). Model: the shipped toy reference. "
          f"Held-out reward: {b.eval_prompts} held-out prompts × {b.eval_samples} shared seeds, {b.eval_steps} "
-         f"sampling steps; the reference scores {r['reference']['mean']:.3f} "
-         f"[{r['reference']['ci_low']:.3f}, {r['reference']['ci_high']:.3f}].", "",
+         f"sampling steps; the reference scores {fmt(r['reference'], sign=False)}.", "",
          "Differences between arms are paired per (prompt, seed); [a, b] is a 95 % bootstrap interval over prompts of "
          "the seed-averaged difference (per-seed means in brackets after it). Training-curve numbers use a t interval "
          "over seeds. Rewards are those of each arm's EMA weights (decay "
          f"{b.ema_decay:g}, as the job exports them); training curves are the live weights'. Verdicts are computed from the intervals: *reproduces* / *contradicted* when the interval "
          "excludes 0, else *inconclusive*.", "",
          f"Budget: {json.dumps(asdict(b))}", "",
-         "## Summary", "", "| claim | paper | measured [95 % CI] | verdict |", "|---|---|---|---|"]
-    L += [f"| {claim} | {where} | {fmt(m)} {_seeds(m)} | **{verdict(m, sign)}** |" for claim, where, m, sign in summary(r, b)]
+         "## Summary", "",
+         markdown_table(["claim", "paper", "measured [95 % CI]", "verdict"],
+                        [[claim, where, f"{fmt(m)} {_seeds(m)}", f"**{verdict(m, sign)}**"]
+                         for claim, where, m, sign in summary(r, b)])]
     spread = ", ".join(f"{PRETTY.get(n, n)} {v:.3f}" for n, v in r["c_beta"]["spread"].items())
     L += ["", "Not given a verdict (a point estimate, no interval): SIPO Fig. 8c also claims SIPO and DPO-C&M are less "
           f"sensitive to β than Diffusion-DPO; the spread of the mean reward across β here is {spread}.", ""]
@@ -346,14 +325,13 @@ def report(r: dict, b: Budget, argv: list[str]) -> str:
           f"{r['pairs_onpolicy']} on-policy pairs of the reference ({b.prompts} prompts × {b.samples_per_prompt}, "
           f"all pairs with a reward gap > {b.min_reward_gap:g}).", "",
           "![winner loss](results/a_winner_loss.png)", "",
-          "| arm | winner loss / reference's (last quarter) | mean λ | reward − reference | vs Diffusion-DPO: winner ratio | vs Diffusion-DPO: reward |",
-          "|---|---|---|---|---|---|"]
-    for row in a["rows"]:
-        extra = ("| – | – |" if "reward_vs_dpo" not in row else
-                 f"| {fmt(row['winner_ratio_vs_dpo'])} → **{row['verdict_winner']}** | "
-                 f"{fmt(row['reward_vs_dpo'])} → **{row['verdict_reward']}** |")
-        L.append(f"| {row['arm']} | {fmt(row['winner_ratio'], sign=False)} | {row['lambda_mean']:.3f} | "
-                 f"{fmt(row['reward_vs_ref'])} {_seeds(row['reward_vs_ref'])} {extra}")
+          markdown_table(["arm", "winner loss / reference's (last quarter)", "mean λ", "reward − reference",
+                          "vs Diffusion-DPO: winner ratio", "vs Diffusion-DPO: reward"],
+                         [[row["arm"], fmt(row["winner_ratio"], sign=False), f"{row['lambda_mean']:.3f}",
+                           f"{fmt(row['reward_vs_ref'])} {_seeds(row['reward_vs_ref'])}",
+                           *(["–", "–"] if "reward_vs_dpo" not in row else
+                             [f"{fmt(row['winner_ratio_vs_dpo'])} → **{row['verdict_winner']}**",
+                              f"{fmt(row['reward_vs_dpo'])} → **{row['verdict_reward']}**"])] for row in a["rows"]])]
     L += ["", f"Diffusion-DPO's winner loss climbs above the reference's: **{a['dpo_winner_climbs']}**.", "",
           "The parameter-space safeguard's λ makes the winner's loss non-increasing only to first order and for a plain "
           "gradient step; under AdamW's per-parameter scaling and many steps that guarantee does not carry over. "
@@ -363,17 +341,16 @@ def report(r: dict, b: Budget, argv: list[str]) -> str:
     L += ["## (b) DDSPO Table 1a — DDSPO vs Diffusion-DPO on the same perturbation pairs", "",
           f"{bb['pairs']} paired pairs (winner from c, loser from c⁻ by rand-removal, same seed), lr {b.lr:g}, "
           f"{b.steps} steps × {b.batch_size}, β = 5000, seeds {list(b.seeds)}.", "",
-          "| arm | reward − reference |", "|---|---|"]
-    L += [f"| {row['arm']} | {fmt(row['reward_vs_ref'])} {_seeds(row['reward_vs_ref'])} |" for row in bb["rows"]]
+          markdown_table(["arm", "reward − reference"],
+                         [[row["arm"], f"{fmt(row['reward_vs_ref'])} {_seeds(row['reward_vs_ref'])}"] for row in bb["rows"]])]
     L += ["", f"DDSPO − Diffusion-DPO: {fmt(bb['ddspo_vs_dpo'])} → **{bb['verdict']}**.", ""]
     c = r["c_beta"]
     L += ["## (c) SIPO Fig. 8c — across β", "",
           f"Same on-policy pairs as (a), lr {b.lr:g}, {b.steps} steps × {b.batch_size}, seeds {list(b.beta_seeds)}.", "",
           "![beta](results/c_beta.png)", "",
-          "| objective | " + " | ".join(f"β = {x:g}" for x in b.betas) + " | spread of means |",
-          "|---|" + "---|" * (len(b.betas) + 1)]
-    for n in BETA_ARMS:
-        L.append(f"| {PRETTY[n]} | " + " | ".join(fmt(c['by_beta'][n][f'{x:g}']) for x in b.betas) + f" | {c['spread'][n]:.3f} |")
+          markdown_table(["objective", *(f"β = {x:g}" for x in b.betas), "spread of means"],
+                         [[PRETTY[n], *(fmt(c["by_beta"][n][f"{x:g}"]) for x in b.betas), f"{c['spread'][n]:.3f}"]
+                          for n in BETA_ARMS])]
     L += [""] + [f"- {pretty(k)}: {fmt(v)} → **{v['verdict']}**" for k, v in c["small_beta"].items()]
     L += [""]
     cr = r["c_rounds"]
@@ -381,10 +358,8 @@ def report(r: dict, b: Budget, argv: list[str]) -> str:
           f"Each round rolls out {b.round_prompts} prompts × {b.samples_per_prompt} with the current policy, pairs "
           f"them, trains {b.round_steps} steps (lr {b.lr:g}, β = 5000 for every arm, reference fixed) and evaluates.", "",
           "![rounds](results/c_rounds.png)", "",
-          "| objective | " + " | ".join(f"round {k + 1}" for k in range(b.rounds)) + " |",
-          "|---|" + "---|" * b.rounds]
-    for n, vals in cr["by_round"].items():
-        L.append(f"| {n} | " + " | ".join(fmt(v) for v in vals) + " |")
+          markdown_table(["objective", *(f"round {k + 1}" for k in range(b.rounds))],
+                         [[n, *(fmt(v) for v in vals)] for n, vals in cr["by_round"].items()])]
     L += ["", f"SIPO − Diffusion-DPO after the last round: {fmt(cr['sipo_vs_dpo_last'])} → "
           f"**{cr['sipo_vs_dpo_last']['verdict']}** (one seed per round; rounds are sequential).", ""]
     L += ["## (d) Diffusion-SDPO Table 4 — overhead", "", "From `bench/results/objectives.md` (`python bench/objectives.py`):", ""]
@@ -444,9 +419,7 @@ def main(argv=None) -> int:
         perturbed = generate_pairs(args.model, work / "ddspo", b, strategy="ddspo-paired")
         log(f"pairs: {len(onpolicy['prompts'])} on-policy, {len(perturbed['prompts'])} perturbation")
         ref_rewards = held_out(load_backbone(args.model), b)
-        r = {"reference": {"mean": float(ref_rewards.mean()),
-                           **dict(zip(("ci_low", "ci_high"), bootstrap_ci(ref_rewards.mean(1))))},
-             "pairs_onpolicy": len(onpolicy["prompts"])}
+        r = {"reference": mean_ci(ref_rewards), "pairs_onpolicy": len(onpolicy["prompts"]), "torch": torch.__version__}
         r["a"] = claim_a(args.model, onpolicy, ref_rewards, b, figs, log)
         r["b"] = claim_b(args.model, perturbed, ref_rewards, b, log)
         r["c_beta"] = claim_c_beta(args.model, onpolicy, ref_rewards, b, log)

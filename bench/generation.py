@@ -26,20 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.backbones import load_backbone  # noqa: E402
-from pipeline.data.generate import GenerationConfig, generate  # noqa: E402
-from pipeline.data.prompts import load_prompts  # noqa: E402
-from pipeline.data.pairing import derive_seed, pairs_from_rollouts  # noqa: E402
-from pipeline.rewards import build_reward  # noqa: E402
-from pipeline.sampling import SamplerConfig, sample  # noqa: E402
+from pipeline.backbones import load_backbone
+from pipeline.data.generate import GenerationConfig, generate
+from pipeline.data.prompts import load_prompts
+from pipeline.data.pairing import derive_seed, pairs_from_rollouts
+from pipeline.rewards import build_reward
+from pipeline.sampling import sample
 
 
 def loop_pairs(cfg: GenerationConfig) -> int:
     """The same work as the Ray pipeline, in one process, batch by batch."""
     backbone = load_backbone(cfg.model)
     reward = build_reward(cfg.reward)
-    sampler = SamplerConfig(**cfg.sampler)
+    sampler = cfg.sampler
     rows = [{**r, "sample_idx": k, "seed": derive_seed(cfg.seed, cfg.round, r["prompt_id"], k)}
             for r in load_prompts(cfg.prompts, limit=cfg.prompt_limit) for k in range(cfg.samples_per_prompt)]
     images, latents, rewards = [], [], []

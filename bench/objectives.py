@@ -21,15 +21,13 @@ import copy
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.objectives import DiffusionProcess, parameter_space_lambda, preference_loss, preset  # noqa: E402
+from pipeline.objectives import DiffusionProcess, parameter_space_lambda, preference_loss, preset
 
 VARIANTS = ("dpo", "dpo+sdpo(output)", "dpo+sdpo(parameter)")
 

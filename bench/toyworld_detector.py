@@ -14,15 +14,9 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-
-try:
-    import pipeline.toyworld  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.toyworld import ATTRIBUTES, all_specs, differ_in, render_batch, score, to_tensor
 

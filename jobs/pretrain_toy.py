@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.utils.driver import offline_mode  # noqa: E402
 
 offline_mode()  # before diffusers / transformers are imported (below)

@@ -6,10 +6,11 @@
     ray job submit --working-dir . -- python jobs/train.py --config train.yaml --pairs /shared/pairs --out /shared/runs/x
 
 ``--pairs`` is a folder written by ``jobs/generate_pairs.py --out`` (or the Parquet folder ``pairs/`` inside
-it). Config: fields of ``TrainConfig`` (pipeline/training/config.py: model, objective, objective_overrides,
-sdpo_mu, lora_rank, lr, max_steps, batch_size, num_workers, …) from ``--config`` (JSON or YAML), then
-``--set key=value`` overrides (``objective_overrides.beta=2000`` for nested fields). Unset fields keep
-their defaults: the shipped toy reference model, SIPO, 100 steps of batch 8 on one CPU worker.
+it). Config: the ``TrainConfig`` tree (pipeline/training/config.py: model, objective → {name, family, beta, …,
+safeguard → {mu, space, scope}}, lora_rank, lr, max_steps, batch_size, log_every, num_workers, …) from
+``--config`` (JSON or YAML), then ``--set key=value`` overrides by dotted path (``objective.beta=2000``,
+``objective.safeguard.mu=0.9``); ``--print-config`` shows the result. Unset fields keep their defaults: the
+shipped toy reference model, SIPO, 100 steps of batch 8 on one CPU worker.
 
 Writes to ``--out``:
 
@@ -18,33 +19,29 @@ Writes to ``--out``:
     model/                   the base model folder with the trained denoiser: load_backbone("OUT/model")
                              is the policy; with LoRA the adapter is merged there and also saved alone
                              in model/unet_lora/ (diffusers format, to apply to the base model)
-    metrics.json, metrics.csv  the metrics of every report (every checkpoint_every steps)
+    metrics.json, metrics.csv  the metrics of every report (every log_every steps)
+    tensorboard/             TensorBoard event files (a point every log_every steps) and progress.jsonl
     curves.png               training curves (loss, implicit accuracy, λ, importance weight)
     train.json               the config, the pairs path, the Ray Train run path and the last metrics
 
 Checkpoints live in Ray Train storage: ``--storage`` (default OUT/ray_storage) and ``--name`` (default
 "train"). Rerunning with the same storage and name resumes from the latest checkpoint (or, if the run
 already reached max_steps, just re-exports it); raising ``max_steps`` continues training. A run's
-storage refuses a different config or pairs dataset (only max_steps, checkpoint_every, num_workers and
-use_gpu may change between reruns): pick another ``--name``.
+storage refuses a different config or pairs dataset, naming the fields that differ (only max_steps,
+checkpoint_every, log_every, num_workers, use_gpu and torch_threads may change between reruns): pick another
+``--name``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 #: fields that may change between reruns on the same storage (resume, extend, rescale)
-RESUMABLE_CHANGES = ("max_steps", "checkpoint_every", "num_workers", "use_gpu")
-RUN_RECORD = "train_job.json"  # kept beside Ray Train's own files in the run folder
+RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.log_every", "train.num_workers",
+                     "train.use_gpu", "train.torch_threads")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,8 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pairs", type=Path, required=True,
                    help="pairs dataset: a jobs/generate_pairs.py output folder, or its pairs/ Parquet folder")
     p.add_argument("--out", type=Path, required=True, help="output folder (policy, model/, metrics, curves)")
-    p.add_argument("--config", type=Path, help="JSON or YAML file with TrainConfig fields")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. lr=5e-6 max_steps=200")
+    from pipeline.cli import add_config_args
+
+    add_config_args(p, default_recipe="defaults")
     p.add_argument("--storage", type=Path, help="Ray Train storage folder (default: OUT/ray_storage)")
     p.add_argument("--name", default="train", help="Ray Train run name inside the storage (default: train)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance (ignored on a cluster)")
@@ -61,14 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace):
-    """The TrainConfig; bad fields or values exit with a message naming them."""
-    from pipeline.config import build_config
+    """The TrainConfig tree; bad fields or values exit with a message naming their dotted path."""
+    from pipeline.cli import resolve
     from pipeline.training import TrainConfig
 
-    try:
-        return build_config(TrainConfig, args.config, args.set)
-    except (ValueError, FileNotFoundError) as err:  # UnknownConfigField is a ValueError
-        raise SystemExit(f"config error: {err}") from err
+    return resolve(args, TrainConfig)
 
 
 def resolve_pairs(path: Path) -> Path:
@@ -83,12 +78,13 @@ def resolve_pairs(path: Path) -> Path:
 
 def check_inputs(cfg, pairs: Path) -> int:
     """Validate the pairs (schema, size) and that their latents fit the model, before Ray starts."""
-    from pipeline.backbones import check_model_folder
     from pipeline.data.schema import read_pairs
+    from pipeline.preflight import check_train
 
+    check_train(cfg)
+    model = Path(cfg.model)
     try:
         table = read_pairs(pairs)
-        model = check_model_folder(cfg.model, required=())
     except (FileNotFoundError, NotADirectoryError, ValueError) as err:  # SchemaError is a ValueError
         raise SystemExit(f"error: {err}") from err
     need = cfg.batch_size * cfg.num_workers
@@ -109,25 +105,16 @@ def check_inputs(cfg, pairs: Path) -> int:
 
 def check_run_record(run_dir: Path, cfg, pairs: Path) -> None:
     """Refuse to resume a run with another config or dataset; record this one for the next rerun."""
-    record = {"train": asdict(cfg), "pairs": str(pairs.resolve())}
-    path = run_dir / RUN_RECORD
-    if path.exists() and any(run_dir.glob("checkpoint_*")):  # a run with checkpoints to resume from
-        old = json.loads(path.read_text())
-        before, now = {**old["train"], "pairs": old["pairs"]}, {**record["train"], "pairs": record["pairs"]}
-        diff = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
-                if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)]
-        if diff:
-            raise SystemExit(f"error: {run_dir} holds a run with another config ({'; '.join(diff)}); "
-                             f"only {', '.join(RESUMABLE_CHANGES)} may change on resume — "
-                             f"use another --name or --storage to start a new run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
+    from pipeline.utils.run_record import guard_run_dir
+
+    guard_run_dir(run_dir, {"train": cfg, "pairs": str(pairs.resolve())}, job="train", resumable=RESUMABLE_CHANGES)
 
 
 def write_outputs(cfg, result, out: Path) -> dict:
     from pipeline.export import checkpoint_history, export_model, policy_from_checkpoint
     from pipeline.utils.atomic import atomic_write_bytes
-    from pipeline.utils.plots import plot_curves
+    from pipeline.reporting import csv_table
+    from pipeline.utils.plots import plot_training_curves
 
     if result.checkpoint is None:
         raise SystemExit(f"error: Ray Train run {result.path} finished without a checkpoint")
@@ -137,18 +124,10 @@ def write_outputs(cfg, result, out: Path) -> dict:
     export_model(cfg.model, policy, out / "model", lora_rank=cfg.lora_rank)
     atomic_write_bytes(out / "metrics.json", json.dumps(history, indent=1).encode())
     keys = list(dict.fromkeys(["step"] + [k for h in history for k in h]))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_bytes(out / "metrics.csv", buf.getvalue().encode())
-    objective = cfg.objective_config()
-    shown = ["loss", "implicit_acc"] + ["lambda_mean"] * (objective.safeguard is not None) \
-        + ["iw_mean"] * objective.needs_importance_weights + ["masked_frac"] * (objective.weighting == "cm")
-    curves = {k: ([h["step"] for h in history if k in h], [h[k] for h in history if k in h])
-              for k in shown if any(k in h for h in history)}
-    plot_curves(curves, out / "curves.png", xlabel="optimizer step",
-                title=f"{cfg.objective}{' + SDPO' if cfg.safeguard_on else ''}, lr {cfg.lr:g}, batch {cfg.batch_size}")
+    atomic_write_bytes(out / "metrics.csv", csv_table(history, keys).encode())
+    name = getattr(cfg.objective, "name", cfg.objective)
+    plot_training_curves([history], out / "curves.png", xlabel="optimizer step", safeguard=cfg.safeguard_on,
+                         title=f"{name}{' + SDPO' if cfg.safeguard_on else ''}, lr {cfg.lr:g}, batch {cfg.batch_size}")
     return history[-1]
 
 
@@ -183,14 +162,16 @@ def _train(args: argparse.Namespace, cfg, pairs: Path, num_pairs: int, storage: 
 
     start_ray(args.num_cpus)
     t0 = time.time()
-    print(f"training {cfg.objective} on {num_pairs} pairs from {pairs}: {cfg.max_steps} steps × batch "
+    print(f"training {cfg.objective.name} on {num_pairs} pairs from {pairs}: {cfg.max_steps} steps × batch "
           f"{cfg.batch_size} × {cfg.num_workers} worker(s); Ray Train run {storage / args.name}", flush=True)
     result = run_training(cfg, pairs, storage, args.name, logdir=args.out / "tensorboard")
     seconds = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     last = write_outputs(cfg, result, args.out)
+    from pipeline.config import to_dict
+
     atomic_write_bytes(args.out / "train.json", json.dumps(
-        {"config": asdict(cfg), "pairs": str(pairs.resolve()), "num_pairs": num_pairs, "ray_run": str(result.path),
+        {"config": to_dict(cfg), "pairs": str(pairs.resolve()), "num_pairs": num_pairs, "ray_run": str(result.path),
          "seconds": round(seconds, 1), "last": last}, indent=1).encode())
     shown = {k: round(last[k], 4) for k in ("step", "loss", "implicit_acc", "margin", "pairs_per_s") if k in last}
     print(f"done in {seconds:.0f} s: {shown}")

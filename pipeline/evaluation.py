@@ -16,9 +16,11 @@ from typing import Sequence
 import numpy as np
 
 from .backbones.base import Backbone
+from .reporting import fmt_ci
 from .rewards.base import RewardModel
 from .sampling import SamplerConfig, SampleOutput, sample
-from .toyworld import ATTRIBUTES, PromptSpec, from_tensor, heldout_specs, score
+from .stats import mean_ci
+from .toyworld import ATTRIBUTES, PromptSpec, as_spec, from_tensor, heldout_specs, score
 from .utils.plots import save_labelled_grid
 
 EVAL_SEED_BASE = 1_000_000  # disjoint from training and rollout seeds
@@ -26,15 +28,6 @@ EVAL_SEED_BASE = 1_000_000  # disjoint from training and rollout seeds
 
 def eval_seeds(num_prompts: int, per_prompt: int) -> list[int]:
     return [EVAL_SEED_BASE + i * per_prompt + j for i in range(num_prompts) for j in range(per_prompt)]
-
-
-def bootstrap_ci(per_prompt: np.ndarray, *, reps: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of per-prompt values (one row per prompt, any trailing shape)."""
-    rng = np.random.default_rng(seed)
-    n = per_prompt.shape[0]
-    means = per_prompt[rng.integers(n, size=(reps, n))].mean(axis=(1, *range(2, per_prompt.ndim + 1)))
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
 
 
 @dataclass
@@ -45,10 +38,11 @@ class Metric:
 
     @classmethod
     def of(cls, per_prompt: np.ndarray) -> "Metric":
-        return cls(float(per_prompt.mean()), *bootstrap_ci(per_prompt))
+        """Mean and bootstrap interval over prompts (rows) of per-prompt values (:func:`.stats.mean_ci`)."""
+        return cls(**mean_ci(per_prompt))
 
     def __str__(self) -> str:
-        return f"{self.mean:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}]"
+        return fmt_ci(asdict(self))
 
 
 @dataclass
@@ -104,19 +98,105 @@ def score_samples(prompts: Sequence[PromptSpec | str], out: SampleOutput, per_pr
     )
 
 
+def stratified_indices(prompts: Sequence[PromptSpec | str], n: int) -> list[int]:
+    """Indices of ``n`` of ``prompts`` (in prompt order) that cover every held-out combination: toy prompts are
+    grouped by their (colour, shape) pair — the combination held out from training — and taken round-robin
+    across the groups, evenly spaced inside each (so counts and positions vary too); other prompts (any that
+    do not parse as toy prompts) give an evenly spaced subset."""
+    total = len(prompts)
+    n = min(n, total)
+    if n <= 0:
+        return []
+    try:
+        specs = [as_spec(p) for p in prompts]
+    except ValueError:
+        return sorted({int(round(i)) for i in np.linspace(0, total - 1, n)})
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, s in enumerate(specs):
+        groups.setdefault((s.colour, s.shape), []).append(i)
+    take = dict.fromkeys(groups, 0)
+    while sum(take.values()) < n:  # round-robin: every combination first, then second picks, …
+        for g, members in groups.items():
+            if take[g] < len(members) and sum(take.values()) < n:
+                take[g] += 1
+    chosen = [m[int(round(j))] for g, m in groups.items() if take[g] for j in np.linspace(0, len(m) - 1, take[g])]
+    return sorted(set(chosen))
+
+
+SAMPLES_FILE = "samples.npz"
+
+
+def save_samples(path: str | Path, prompts: Sequence[PromptSpec | str], images, rewards: np.ndarray,
+                 samples_per_prompt: int, indices: Sequence[int], *, max_side: int = 128) -> None:
+    """The images of the prompts at ``indices`` (every sample, i.e. every evaluation seed) as uint8
+    ``(rows, samples, H, W, 3)`` thumbnails (at most ``max_side`` pixels a side), with their prompt indices,
+    texts and rewards: what a paired reference-vs-policy grid needs (:func:`load_samples`)."""
+    import io
+
+    import torch
+    import torch.nn.functional as F
+
+    from .utils.atomic import atomic_write_bytes
+
+    idx = list(indices)
+    texts = [p.text if isinstance(p, PromptSpec) else p for p in prompts]
+    sel = torch.as_tensor(np.asarray([i * samples_per_prompt + j for i in idx for j in range(samples_per_prompt)]))
+    imgs = images[sel].detach().to("cpu", torch.float32)
+    side = max(imgs.shape[-2:])
+    if side > max_side:
+        imgs = F.interpolate(imgs, scale_factor=max_side / side, mode="bilinear", antialias=True, align_corners=False)
+    arr = from_tensor(imgs)
+    arr = arr.reshape(len(idx), samples_per_prompt, *arr.shape[1:])
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=arr, prompt_index=np.asarray(idx, dtype=np.int64),
+                        texts=np.asarray([texts[i] for i in idx]), rewards=np.asarray(rewards, dtype=float)[idx])
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_samples(path: str | Path) -> dict:
+    """``{"images", "prompt_index", "texts", "rewards"}`` as :func:`save_samples` wrote them."""
+    with np.load(path, allow_pickle=False) as z:
+        return {"images": z["images"], "prompt_index": z["prompt_index"].tolist(),
+                "texts": [str(t) for t in z["texts"]], "rewards": z["rewards"]}
+
+
 def evaluate(backbone: Backbone, prompts: Sequence[PromptSpec | str] | None = None, *, samples_per_prompt: int = 4,
              sampler: SamplerConfig = SamplerConfig(), reference: bool = False, grid_path: str | Path | None = None,
              grid_prompts: int = 12, progress: bool = True, reward: RewardModel | None = None,
-             ) -> tuple[EvalResult, SampleOutput]:
+             samples_path: str | Path | None = None) -> tuple[EvalResult, SampleOutput]:
     """Sample ``samples_per_prompt`` images per prompt (the toy held-out prompts by default) and score them
-    (the toy detector, or ``reward``)."""
+    (the toy detector, or ``reward``). ``grid_path``: a labelled grid of ``grid_prompts`` prompts, a
+    stratified subset (:func:`stratified_indices`: every held-out combination); ``samples_path``: the same
+    subset's images per (prompt, seed), for paired grids (:func:`save_samples`)."""
     prompts = list(heldout_specs() if prompts is None else prompts)
     texts = [p.text if isinstance(p, PromptSpec) else p for p in prompts]
     out = sample(backbone, [t for t in texts for _ in range(samples_per_prompt)],
                  eval_seeds(len(prompts), samples_per_prompt), sampler, reference=reference, progress=progress)
     result = score_samples(prompts, out, samples_per_prompt, reward)
-    if grid_path is not None:
-        rows = min(grid_prompts, len(prompts))
-        images = from_tensor(out.images[: rows * samples_per_prompt])
-        save_labelled_grid(images, texts[:rows], samples_per_prompt, grid_path, scores=result.rewards[:rows])
+    idx = stratified_indices(prompts, grid_prompts)
+    if grid_path is not None and idx:
+        rows = np.repeat(np.asarray(idx) * samples_per_prompt, samples_per_prompt) + np.tile(
+            np.arange(samples_per_prompt), len(idx))
+        images = from_tensor(out.images[rows])
+        save_labelled_grid(images, [texts[i] for i in idx], samples_per_prompt, grid_path,
+                           scores=result.rewards[idx])
+    if samples_path is not None:
+        save_samples(samples_path, prompts, out.images, result.rewards, samples_per_prompt, idx)
     return result, out
+
+
+def write_paired_grid(reference_samples: str | Path, policy_samples: str | Path, path: str | Path) -> bool:
+    """``paired_grid`` of two :func:`save_samples` files of the same prompts and seeds (reference vs policy,
+    per-row Δ = the row's mean reward difference). Returns False (and writes nothing) when either file is
+    missing or they do not hold the same prompts and seeds."""
+    from .utils.plots import paired_grid
+
+    if not (Path(reference_samples).is_file() and Path(policy_samples).is_file()):
+        return False
+    ref, pol = load_samples(reference_samples), load_samples(policy_samples)
+    if ref["prompt_index"] != pol["prompt_index"] or ref["images"].shape != pol["images"].shape or not ref["texts"]:
+        return False
+    deltas = (pol["rewards"] - ref["rewards"]).mean(axis=1)
+    paired_grid(ref["images"], pol["images"], ref["texts"], deltas, path, ref_scores=ref["rewards"],
+                policy_scores=pol["rewards"])
+    return True

@@ -44,13 +44,13 @@ class SamplerConfig:
 
     def __post_init__(self):
         if self.num_steps < 1:
-            raise ValueError(f"sampler.num_steps={self.num_steps}: expected >= 1")
+            raise ValueError(f"num_steps={self.num_steps}: expected >= 1")
         if self.guidance_scale < 0:
-            raise ValueError(f"sampler.guidance_scale={self.guidance_scale}: expected >= 0")
+            raise ValueError(f"guidance_scale={self.guidance_scale}: expected >= 0")
         if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"sampler.eta={self.eta}: expected a value in [0, 1]")
+            raise ValueError(f"eta={self.eta}: expected a value in [0, 1]")
         if self.batch_size < 1:
-            raise ValueError(f"sampler.batch_size={self.batch_size}: expected >= 1")
+            raise ValueError(f"batch_size={self.batch_size}: expected >= 1")
 
 
 def _noise(shape, generators: Sequence[torch.Generator]) -> Tensor:

@@ -13,6 +13,7 @@ Output folder::
     out/pairs/                   the shared pairs dataset (idempotent, see data/generate.py)
     out/reference_eval/          the starting model's held-out reward (the baseline every trial is paired with)
     out/trials/<id>/segment_<k>/ eval.json, grid.png of each trial's policy after segment k
+    out/trials/<id>/tensorboard/ the trial's per-step training metrics (every train.log_every steps)
     out/tune/                    Ray Tune's experiment (rerunning the sweep resumes it)
     out/train/trial_<id>/        each trial's Ray Train run (removed at the end unless keep_train_runs)
     out/results.csv, results.md  one row per trial
@@ -27,41 +28,42 @@ cluster can train at once, so no trial holds a driver while its workers wait for
 
 from __future__ import annotations
 
-import copy
-import csv
-import io
 import json
 import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
 
-from .config import read_config_file
+from .config import ConfigError, build, merge, sections, to_dict
 from .export import policy_from_checkpoint
-from .rounds import RoundsConfig, evaluate_policy, load_eval, win_rate
+from .reporting import csv_table, fmt_ci, fmt_num, markdown_table
+from .rounds import RoundsConfig, evaluate_policy, load_eval
+from .stats import win_rate
 from .utils.atomic import atomic_directory, atomic_write_bytes, is_complete
 from .utils.plots import plot_scatter_panels
+from .utils.run_record import guard_run_dir
 
 METRIC = "reward"
-#: swept name → where it goes in the RoundsConfig's ``train`` section
-PARAMS = {"mu": ("sdpo_mu",), "beta": ("objective_overrides", "beta"), "epsilon": ("objective_overrides", "epsilon")}
+#: swept name → its dotted path in the RoundsConfig tree (mu = None: the safeguard off)
+PARAMS = {"mu": "train.objective.safeguard.mu", "beta": "train.objective.beta", "epsilon": "train.objective.epsilon"}
 LOG_SCALE = {"beta"}  # searched (and plotted) on a log scale
 TRIAL_MEMORY = 256 * 2**20  # bytes of Ray's logical "memory" a trial driver reserves (a non-empty bundle)
-SEARCHES = ("grid", "optuna")
+#: fields a rerun into the same sweep folder may change (resources only)
+RESUMABLE = ("max_concurrent", "trial_cpus", "threads", "keep_train_runs")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepConfig:
-    rounds: Any = field(default_factory=dict)  # RoundsConfig fields (or a JSON/YAML file of them): what is tuned
-    trial: dict = field(default_factory=dict)  # RoundsConfig overrides for the trials only (not in best_config.yaml)
-    search: str = "grid"  # grid | optuna
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)  # the online run whose round 0 is tuned
+    trial: dict = field(default_factory=dict)  # a partial RoundsConfig tree for the trials only (not in best_config.yaml)
+    search: Literal["grid", "optuna"] = "grid"
     grid: dict = field(default_factory=lambda: {"mu": [0.0, 0.5], "beta": [1000.0, 3000.0]})
-    space: dict = field(default_factory=lambda: {"mu": [0.0, 1.0], "beta": [100.0, 10000.0], "epsilon": [0.05, 0.3]})
+    space: dict = field(default_factory=lambda: {"mu": [0.0, 0.99], "beta": [100.0, 10000.0], "epsilon": [0.05, 0.3]})
     num_samples: int = 0  # grid: repeats of the grid (0 = 1); optuna: trials (0 = 4)
     segments: int = 2  # ASHA's max_t: reports per trial (each one is a Ray Train fit + a held-out evaluation)
     steps_per_segment: int = 0  # 0: the tuned run's train.max_steps / segments
@@ -77,10 +79,7 @@ class SweepConfig:
     keep_train_runs: bool = False  # keep every trial's Ray Train checkpoints after the sweep
 
     def __post_init__(self):
-        if isinstance(self.rounds, (str, Path)):
-            self.rounds = read_config_file(self.rounds)
-        if self.search not in SEARCHES:
-            raise ValueError(f"search={self.search!r}: expected one of {SEARCHES}")
+        sections(self, rounds=RoundsConfig)
         for name, ok, expected in [
             ("num_samples", self.num_samples >= 0, ">= 0"), ("segments", self.segments >= 1, ">= 1"),
             ("steps_per_segment", self.steps_per_segment >= 0, ">= 0"),
@@ -98,7 +97,10 @@ class SweepConfig:
         unknown = sorted(set(params) - set(PARAMS))
         if unknown:
             raise ValueError(f"{where}: unknown hyperparameter(s) {unknown}; known: {sorted(PARAMS)}")
-        max_steps = self.trial_rounds().train_config("", "").max_steps  # validates rounds + trial
+        try:
+            max_steps = self.trial_rounds().train.max_steps  # validates rounds + trial
+        except ConfigError as err:
+            raise ValueError(f"trial: {err}") from err
         if self.steps_per_segment == 0 and max_steps < self.segments:
             raise ValueError(f"segments={self.segments}: more than train.max_steps={max_steps}")
         for name, values in params.items():
@@ -110,22 +112,24 @@ class SweepConfig:
             elif name in LOG_SCALE and float(values[0]) <= 0:
                 raise ValueError(f"space.{name}={values!r}: searched on a log scale, expected low > 0")
             for v in values:
-                try:  # the objective's own checks (e.g. mu in [0, 1], epsilon in (0, 1))
+                if v is None and not (where == "grid" and name == "mu"):
+                    raise ValueError(f"{where}.{name}: null is only meaningful for grid.mu (the safeguard off)")
+                try:  # the tree's own checks (e.g. mu in [0, 1), epsilon in (0, 1))
                     self.trial_rounds({name: v})
-                except ValueError as err:
+                except ConfigError as err:
                     raise ValueError(f"{where}.{name}={v!r}: {err}") from err
 
     # -- the configs a trial runs ------------------------------------------------------------------
     def merged_rounds(self) -> dict:
-        return _deep_merge(self.rounds, self.trial)
+        return merge(to_dict(self.rounds), self.trial)
 
     def trial_rounds(self, values: dict | None = None) -> RoundsConfig:
         """The RoundsConfig a trial trains round 0 of and evaluates with (``rounds`` ← ``trial`` ← values)."""
-        return RoundsConfig(**with_values(self.merged_rounds(), values or {}))
+        return build(RoundsConfig, with_values(self.merged_rounds(), values or {}))
 
     @property
     def step_size(self) -> int:
-        return self.steps_per_segment or max(1, self.trial_rounds().train_config("", "").max_steps // self.segments)
+        return self.steps_per_segment or max(1, self.trial_rounds().train.max_steps // self.segments)
 
     @property
     def swept(self) -> list[str]:
@@ -138,21 +142,20 @@ class SweepConfig:
         return self.num_samples or 4
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def with_values(rounds: dict, values: dict) -> dict:
-    """A RoundsConfig dict with swept values put in its ``train`` section (``mu`` → ``train.sdpo_mu``, …)."""
-    out = copy.deepcopy(rounds)
+    """A RoundsConfig dict with swept values at their paths (``mu`` → ``train.objective.safeguard.mu``; a
+    ``mu`` of None turns the safeguard off)."""
+    out = merge({}, rounds)
     for name, v in values.items():
-        node = out.setdefault("train", {})
-        *parents, leaf = PARAMS[name]
+        node = out
+        *parents, leaf = PARAMS[name].split(".")
+        if name == "mu" and v is None:
+            out.setdefault("train", {}).setdefault("objective", {})["safeguard"] = None
+            continue
         for part in parents:
-            node = node.setdefault(part, {})
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
         node[leaf] = float(v)
     return out
 
@@ -166,7 +169,7 @@ def sweep_trial(values: dict, *, sweep: dict, pairs: str, out: str, threads: int
     from .training.trainer import run_training
 
     torch.set_num_threads(threads)
-    cfg = SweepConfig(**sweep)
+    cfg = build(SweepConfig, sweep)
     rcfg = cfg.trial_rounds(values)
     out_dir = Path(out)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -184,7 +187,10 @@ def sweep_trial(values: dict, *, sweep: dict, pairs: str, out: str, threads: int
     for segment in range(start + 1, cfg.segments + 1):
         t0 = time.time()
         train = replace(base_train, max_steps=segment * steps, checkpoint_every=steps)
-        result = run_training(train, pairs, out_dir / "train", f"trial_{trial_id}")
+        # the trial's per-step metrics (TensorBoard + progress.jsonl) stay with its evaluations, outside the
+        # Train runs that are removed at the end; no step lines from inside a Tune trial
+        result = run_training(train, pairs, out_dir / "train", f"trial_{trial_id}",
+                              logdir=out_dir / "trials" / trial_id / "tensorboard", progress=False)
         t1 = time.time()
         policy = out_dir / "train" / f"trial_{trial_id}.policy.safetensors"  # the weights the rounds would evaluate
         with result.checkpoint.as_directory() as d:
@@ -208,7 +214,7 @@ def _param_space(cfg: SweepConfig) -> dict:
     from ray import tune
 
     if cfg.search == "grid":
-        return {p: tune.grid_search([float(v) for v in cfg.grid[p]]) for p in cfg.swept}
+        return {p: tune.grid_search([None if v is None else float(v) for v in cfg.grid[p]]) for p in cfg.swept}
     return {p: (tune.loguniform if p in LOG_SCALE else tune.uniform)(float(cfg.space[p][0]), float(cfg.space[p][1]))
             for p in cfg.swept}
 
@@ -218,7 +224,7 @@ def _concurrency(cfg: SweepConfig) -> int:
 
     if cfg.max_concurrent:
         return cfg.max_concurrent
-    train = cfg.trial_rounds().train_config("", "")
+    train = cfg.trial_rounds().train
     res = ray.cluster_resources()
     if train.use_gpu:
         fit = int(res.get("GPU", 0) // train.num_workers)
@@ -242,11 +248,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, log=print) -> dict:
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    saved = out / "sweep_config.json"
-    record = json.dumps(asdict(cfg), indent=1, sort_keys=True, default=str)
-    if saved.exists() and saved.read_text() != record:
-        raise SystemExit(f"{out} holds a sweep with another config ({saved}); pick another --out or remove it")
-    atomic_write_bytes(saved, record.encode())
+    guard_run_dir(out, cfg, job="sweep", resumable=RESUMABLE)
     rcfg = cfg.trial_rounds()
 
     if cfg.pairs:
@@ -268,7 +270,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, log=print) -> dict:
         f"{cfg.segments} segments × {cfg.step_size} steps each")
 
     trainable = tune.with_resources(
-        tune.with_parameters(sweep_trial, sweep=asdict(cfg), pairs=str(pairs), out=str(out), threads=threads),
+        tune.with_parameters(sweep_trial, sweep=to_dict(cfg), pairs=str(pairs), out=str(out), threads=threads),
         {"cpu": cfg.trial_cpus, "memory": TRIAL_MEMORY},
     )
     experiment = out / "tune"
@@ -292,7 +294,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, log=print) -> dict:
                 reuse_actors=True,  # a trial driver process imports torch and the pipeline once, not per trial
             ),
             run_config=tune.RunConfig(
-                name="tune", storage_path=str(out), verbose=1,
+                name="tune", storage_path=str(out), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             ),
@@ -301,7 +303,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, *, log=print) -> dict:
     rows = [_row(cfg, r) for r in grid]
     rows.sort(key=lambda r: (r["final_reward"] if r["final_reward"] is not None else -math.inf), reverse=True)
     best = _best(cfg, rows)
-    best_config = with_values(cfg.rounds, {p: best[p] for p in cfg.swept}) if best else None
+    best_config = with_values(to_dict(cfg.rounds), {p: best[p] for p in cfg.swept}) if best else None
     _write_outputs(cfg, out, rows, best, best_config, load_eval(ref_dir))
     if not cfg.keep_train_runs:
         shutil.rmtree(out / "train", ignore_errors=True)
@@ -314,7 +316,8 @@ def _row(cfg: SweepConfig, result) -> dict:
     history = sorted({int(h["segment"]): h for h in history}.values(), key=lambda h: h["segment"])  # one per segment
     trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
     config = result.config or {}
-    row = {"trial": trial_id, **{p: float(config[p]) if p in config else math.nan for p in cfg.swept}}
+    row = {"trial": trial_id, **{p: (None if config[p] is None else float(config[p])) if p in config else math.nan
+                                 for p in cfg.swept}}
     final = history[-1] if history else None
     best = max(history, key=lambda h: h[METRIC]) if history else None
     row.update(
@@ -339,13 +342,9 @@ def _best(cfg: SweepConfig, rows: list[dict]) -> dict | None:
     return max(pool, key=lambda r: r["final_reward"]) if pool else None
 
 
-def _f(v, fmt="{:.3f}") -> str:
-    return "–" if v is None else fmt.format(v)
-
-
-def _ci(r: dict, which: str) -> str:
-    return "–" if r[f"{which}_reward"] is None else \
-        f"{r[f'{which}_reward']:.3f} [{r[f'{which}_ci_low']:.3f}, {r[f'{which}_ci_high']:.3f}]"
+def _v(v) -> str:
+    """A swept value: ``off`` for μ = None (the safeguard off)."""
+    return "off" if v is None else f"{v:.4g}"
 
 
 def _status(cfg: SweepConfig, r: dict) -> str:
@@ -358,37 +357,36 @@ def _write_outputs(cfg: SweepConfig, out: Path, rows: list[dict], best: dict | N
     swept = cfg.swept
     columns = ["trial", *swept, "status", "segments_run", "steps", "final_reward", "final_ci_low", "final_ci_high",
                "best_reward", "best_ci_low", "best_ci_high", "best_segment", "win_rate", "stopped_early", "error"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({**r, "status": _status(cfg, r)})
-    atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "results.csv", csv_table([{**r, "status": _status(cfg, r)} for r in rows], columns).encode())
+
+    def ci(r: dict, which: str) -> str:  # "final" / "best" interval of a trial row
+        return fmt_ci({"mean": r[f"{which}_reward"], "ci_low": r[f"{which}_ci_low"], "ci_high": r[f"{which}_ci_high"]})
 
     rw = ref["reward"]
     train = cfg.trial_rounds().train_config("", "")
-    fixed = {"mu": train.sdpo_mu, "beta": train.objective_config().beta, "epsilon": train.objective_config().epsilon}
+    objective = train.objective_config()
+    fixed = {"mu": objective.safeguard.mu if objective.safeguard else None, "beta": objective.beta,
+             "epsilon": objective.epsilon}
     lines = [
         f"# Sweep: {cfg.search} over {', '.join(swept)} ({len(rows)} trials)",
         "",
-        f"Objective `{train.objective}` (SDPO safeguard: {train.sdpo_space + ' space' if train.safeguard_on else 'off'}), "
+        f"Objective `{train.objective.name}` (SDPO safeguard: {objective.safeguard.space + ' space, μ ' + format(objective.safeguard.mu, 'g') if objective.safeguard else 'off'}), "
         f"lr {train.lr:g}, batch {train.batch_size}; up to {cfg.segments} segments × "
         f"{cfg.step_size} steps; ASHA on the held-out reward (grace {cfg.grace_period} segment(s), reduction factor "
-        f"{cfg.reduction_factor:g}). Fixed: " + (", ".join(f"{p}={fixed[p]:g}" for p in PARAMS if p not in swept) or "–") + ".",
+        f"{cfg.reduction_factor:g}). Fixed: " + (", ".join(f"{p}={_v(fixed[p])}" for p in PARAMS if p not in swept) or "–") + ".",
         f"Held-out eval: {ref['num_prompts']} prompts × {ref['samples_per_prompt']} samples; "
-        f"reference reward {rw['mean']:.3f} [{rw['ci_low']:.3f}, {rw['ci_high']:.3f}] (95% CI over prompts).",
+        f"reference reward {fmt_ci(rw)} (95% CI over prompts).",
         "",
-        ("**Best**: " + ", ".join(f"{p}={best[p]:g}" for p in swept) + f" (trial {best['trial']}): final reward "
-         f"{_ci(best, 'final')} → `best_config.yaml`") if best else "**No trial reported a reward.**",
+        ("**Best**: " + ", ".join(f"{p}={_v(best[p])}" for p in swept) + f" (trial {best['trial']}): final reward "
+         f"{ci(best, 'final')} → `best_config.yaml`") if best else "**No trial reported a reward.**",
         "",
-        f"| trial | {' | '.join(swept)} | final reward [95% CI] | best reward [95% CI] (segment) | win vs ref | "
-        f"segments | status |",
-        "|" + "---|" * (len(swept) + 6),
+        markdown_table(
+            ["trial", *swept, "final reward [95% CI]", "best reward [95% CI] (segment)", "win vs ref", "segments",
+             "status"],
+            [[r["trial"], *(_v(r[p]) for p in swept), ci(r, "final"),
+              f"{ci(r, 'best')} ({'–' if r['best_segment'] is None else r['best_segment']})", fmt_num(r["win_rate"]),
+              r["segments_run"], f"{_status(cfg, r)}{': ' + r['error'] if r['error'] else ''}"] for r in rows]),
     ]
-    for r in rows:
-        lines.append(f"| {r['trial']} | " + " | ".join(f"{r[p]:.4g}" for p in swept) + f" | {_ci(r, 'final')} | "
-                     f"{_ci(r, 'best')} ({_f(r['best_segment'], '{}')}) | {_f(r['win_rate'])} | {r['segments_run']} | "
-                     f"{_status(cfg, r)}{': ' + r['error'] if r['error'] else ''} |")
     atomic_write_bytes(out / "results.md", ("\n".join(lines) + "\n").encode())
 
     done = [r for r in rows if r["final_reward"] is not None]
@@ -403,6 +401,6 @@ def _write_outputs(cfg: SweepConfig, out: Path, rows: list[dict], best: dict | N
         import yaml
 
         header = (f"# The best trial of the sweep in {out.name}/ (trial {best['trial']}: "
-                  + ", ".join(f"{p}={best[p]:g}" for p in swept) + f"; final reward {_ci(best, 'final')}).\n"
+                  + ", ".join(f"{p}={_v(best[p])}" for p in swept) + f"; final reward {ci(best, 'final')}).\n"
                   f"# Run it: python jobs/iterative_sipo.py --config {out / 'best_config.yaml'}\n")
         atomic_write_bytes(out / "best_config.yaml", (header + yaml.safe_dump(best_config, sort_keys=False)).encode())

@@ -75,7 +75,8 @@ def tiny_train_config(tiny_toy_model_dir):
     from pipeline.training.config import TrainConfig
 
     def make(**kw):
-        base = dict(model=str(tiny_toy_model_dir), objective="ddspo", sdpo_mu=0.5, lr=1e-3, max_steps=2, batch_size=2,
+        base = dict(model=str(tiny_toy_model_dir), objective={"name": "ddspo", "safeguard": {"mu": 0.5}}, lr=1e-3,
+                    max_steps=2, batch_size=2,
                     checkpoint_every=2, ema_decay=0.9)
         return TrainConfig(**{**base, **kw})
 

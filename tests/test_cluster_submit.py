@@ -103,8 +103,9 @@ def test_main_job_runs_via_ray_job_submit(ray_cluster, tiny_toy_model_dir, tmp_p
     address, temp_dir, env = ray_cluster
     config = tmp_path / "rounds.yaml"
     config.write_text(yaml.safe_dump({
-        "model": str(tiny_toy_model_dir), "rounds": 1, "eval_prompts": 3, "eval_samples": 2,
-        "eval_sampler": {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 16},
+        "model": str(tiny_toy_model_dir), "rounds": 1,
+        "eval": {"num_prompts": 3, "samples": 2,
+                 "sampler": {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 16}},
         "generation": {"strategy": "ddspo-paired", "prompt_limit": 8, "batch_size": 8,
                        "sampler": {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}},
         "train": {"objective": "ddspo", "lr": 1e-3, "max_steps": 2, "batch_size": 4, "checkpoint_every": 1},

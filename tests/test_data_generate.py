@@ -83,7 +83,7 @@ def test_bad_inputs_fail_clearly(tiny_toy_model_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="contains no prompts"):
         generate(small(tiny_toy_model_dir, prompts=str(tmp_path / "empty.txt")), tmp_path / "o2")
-    with pytest.raises(ValueError, match="generation.strategy"):
+    with pytest.raises(ValueError, match="strategy='best-of-n': expected one of"):
         small(tiny_toy_model_dir, strategy="best-of-n")
 
 

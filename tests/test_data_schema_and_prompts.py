@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import apply_overrides, build_config
+from pipeline.config import ConfigError, apply_overrides, build, read_config_file
 from pipeline.data.generate import GenerationConfig
 from pipeline.data.perturb import aesthetic_template, perturb, prompt_rng, rand_removal
 from pipeline.data.prompts import load_prompts
@@ -94,22 +94,25 @@ def test_rand_removal_drops_40_to_70_percent():
 
 
 def test_generation_config_validation_and_overrides(tmp_path):
-    with pytest.raises(ValueError, match="generation.strategy='dpo'"):
+    with pytest.raises(ValueError, match="strategy='dpo'"):
         GenerationConfig(strategy="dpo")
-    with pytest.raises(ValueError, match="sampler.num_steps"):
+    with pytest.raises(ConfigError, match=r"sampler\.num_steps=0"):
         GenerationConfig(sampler={"num_steps": 0})
     cfg_file = tmp_path / "g.yaml"
     cfg_file.write_text("strategy: ddspo-paired\nsampler:\n  num_steps: 7\n")
-    cfg = build_config(GenerationConfig, cfg_file, ["sampler.guidance_scale=2.5", "prompt_limit=3"])
-    assert cfg.strategy == "ddspo-paired" and cfg.sampler["num_steps"] == 7 and cfg.sampler["guidance_scale"] == 2.5
+    data = apply_overrides(read_config_file(cfg_file), ["sampler.guidance_scale=2.5", "prompt_limit=3"])
+    cfg = build(GenerationConfig, data, "generation")
+    assert cfg.strategy == "ddspo-paired" and cfg.sampler.num_steps == 7 and cfg.sampler.guidance_scale == 2.5
     assert cfg.prompt_limit == 3 and cfg.fingerprint() != GenerationConfig().fingerprint()
-    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['stratgy'\]"):
-        build_config(GenerationConfig, None, ["stratgy=onpolicy"])
+    with pytest.raises(ConfigError, match=r"unknown config field 'generation\.stratgy'; did you mean 'generation\.strategy'"):
+        build(GenerationConfig, apply_overrides({}, ["stratgy=onpolicy"]), "generation")
+    with pytest.raises(ConfigError, match=r"generation\.sampler\.eta='x': expected a number"):
+        build(GenerationConfig, {"sampler": {"eta": "x"}}, "generation")
     with pytest.raises(ValueError, match="expected key=value"):
         apply_overrides({}, ["oops"])
     (tmp_path / "bad.yaml").write_text("strategy: [unclosed\n")
     with pytest.raises(ValueError, match="bad.yaml is not valid YAML"):
-        build_config(GenerationConfig, tmp_path / "bad.yaml")
+        read_config_file(tmp_path / "bad.yaml")
 
 
 def test_llm_rewrite_with_a_local_causal_lm(tmp_path):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluation import Metric, bootstrap_ci, eval_seeds, evaluate, score_samples
+from pipeline.evaluation import Metric, eval_seeds, evaluate, score_samples
+from pipeline.stats import bootstrap_ci
 from pipeline.sampling import SampleOutput, SamplerConfig
 from pipeline.toyworld import PromptSpec, heldout_specs, render_batch, to_tensor
 

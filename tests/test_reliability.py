@@ -2,6 +2,7 @@
 file, user data is never deleted, and nothing non-finite is ever trained on or published. The counts are
 recorded in docs/reliability.md."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pipeline.data.schema import MAX_ABS_LATENT, SchemaError, read_pairs
 from pipeline.training.config import TrainConfig
@@ -115,11 +116,15 @@ def test_infinite_rewards_are_rejected_but_nan_means_unscored(tiny_pairs, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------ config
-@pytest.mark.parametrize("mu", [-0.5, 1.0, 1.5, -2.0])
+@pytest.mark.parametrize("mu", [-0.5, 1.0, 1.5, -1.0])
 def test_sdpo_mu_outside_its_range_is_an_error_not_off(mu):
-    with pytest.raises(ValueError, match=r"train\.sdpo_mu=.*expected a slack in \[0, 1\), or -1"):
-        TrainConfig(sdpo_mu=mu)
-    assert not TrainConfig(sdpo_mu=-1).safeguard_on and TrainConfig(sdpo_mu=0.0).safeguard_on
+    """No sentinel: the safeguard is off only when the section is absent (null)."""
+    from pipeline.config import ConfigError, build
+
+    with pytest.raises(ConfigError, match=r"train\.objective\.safeguard\.mu=.*expected a slack in \[0, 1\)"):
+        build(TrainConfig, {"objective": {"safeguard": {"mu": mu}}}, "train")
+    assert not TrainConfig().safeguard_on
+    assert TrainConfig(objective={"safeguard": {"mu": 0.0}}).safeguard_on
 
 
 # ------------------------------------------------------------------------------------------------ publication
@@ -147,3 +152,131 @@ def test_nan_pairs_stop_the_train_job_without_publishing(tiny_pairs, tiny_toy_mo
                                      max_steps=2))
     with pytest.raises(TrainingDiverged, match=r"optimizer step 1: non-finite loss .*pair ids \[.*'" + data.pair_ids[3]):
         engine.run(data)
+
+
+# ------------------------------------------------------------------------------------------------ kills
+def _registered_step(run_dir: Path):
+    """The latest checkpoint step Ray Train's controller has registered in a run folder (None before)."""
+    try:
+        latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+    return None if latest is None else int(latest["metrics"]["step"])
+
+
+@pytest.mark.slow
+def test_a_killed_train_job_resumes_to_bit_identical_weights(tiny_pairs, tiny_toy_model_dir, tmp_path):
+    """SIGKILL the driver of jobs/train.py (and with it its local Ray) right after a checkpoint; the rerun
+    takes over the stale lock, resumes from the checkpoint and ends with exactly an uninterrupted run's weights."""
+    import os
+    import signal
+    import time
+
+    settings = [f"model={tiny_toy_model_dir}", "objective.name=sipo", "lr=1e-3", "max_steps=24", "batch_size=2",
+                "checkpoint_every=4", "torch_threads=1", "ema_decay=0.9"]
+
+    def job(out: Path) -> list[str]:
+        return [sys.executable, str(ROOT / "jobs" / "train.py"), "--pairs", str(tiny_pairs), "--out", str(out),
+                "--num-cpus", "2", "--set", *settings]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(job(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, step = time.time() + 240, None
+    while time.time() < deadline and proc.poll() is None:
+        step = _registered_step(killed / "ray_storage" / "train")
+        if step is not None:
+            break
+        time.sleep(0.2)
+    assert step is not None and step < 24, f"no checkpoint to kill at (step {step}, rc {proc.poll()})"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait(timeout=60)
+    time.sleep(2)
+    assert not (killed / "policy.safetensors").exists()  # nothing published by the killed run
+
+    resumed = subprocess.run(job(killed), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    history = json.loads((killed / "metrics.json").read_text())
+    assert history[-1]["step"] == 24 and history[-1]["resumed_from_step"] >= step
+    straight = subprocess.run(job(tmp_path / "straight"), capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a = load_file(str(killed / "policy.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "policy.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model=/nonexistent/sd15", r"error: model: model folder /nonexistent/sd15 does not exist"),
+    ("generation.prompts=/nonexistent/prompts.txt", r"error: generation\.prompts: prompt file /nonexistent/prompts\.txt"),
+    ("eval.prompts=/nonexistent/heldout.txt", r"error: eval\.prompts: prompt file /nonexistent/heldout\.txt"),
+    ("generation.reward={\"name\":\"pickscore\",\"path\":\"/nonexistent/ps\"}",
+     r"error: generation\.reward: reward 'pickscore': path=/nonexistent/ps does not exist"),
+    ("generation.reward={\"name\":\"pickscor\"}", r"error: generation\.reward: .*pickscor"),
+])
+def test_missing_inputs_are_refused_before_ray_starts(override, message, tmp_path):
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import iterative_sipo
+
+    with pytest.raises(SystemExit, match=message):
+        iterative_sipo.main(["--run-dir", str(tmp_path / "run"), "--set", override])
+    assert not (tmp_path / "run").exists()  # refused before the run directory is locked, so before Ray starts
+
+
+@pytest.mark.slow
+def test_a_deterministic_worker_error_fails_at_once_without_retries(tiny_pairs, tiny_toy_model_dir, tmp_path):
+    """A model folder without unet/ reaching a Ray Train worker (run_training called directly, past the jobs'
+    preflight): every rank reports it as fatal and the driver raises it — FailureConfig never restarts the
+    workers (a retried failure would surface as Ray's own error after max_failures restarts)."""
+    import shutil
+
+    from pipeline.training.trainer import TrainingFailed, run_training
+
+    broken = tmp_path / "no_unet"
+    shutil.copytree(tiny_toy_model_dir, broken)
+    shutil.rmtree(broken / "unet")
+    cfg = TrainConfig(model=str(broken), max_steps=2, batch_size=2)
+    with pytest.raises(TrainingFailed, match=r"FileNotFoundError: .*no_unet.*unet/"):
+        run_training(cfg, tiny_pairs, tmp_path / "ray", "broken", max_failures=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["generation", "evaluation"])
+def test_a_rounds_job_killed_mid_round_completes_once_on_rerun(kill_at, tiny_toy_model_dir, tmp_path):
+    """SIGKILL jobs/iterative_sipo.py while it generates pairs or evaluates a trained policy; the rerun takes
+    over the lock, cleans the killed write's temporaries, finishes the round and publishes it exactly once
+    (a dataset is published whole by rename, so a killed generation leaves no partial pairs to duplicate)."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "jobs" / "iterative_sipo.py"), "--run-dir", str(run), "--num-cpus", "2",
+           "--recipe", "defaults", "--set", f"model={tiny_toy_model_dir}", "rounds=1",
+           "generation.prompt_limit=12", "generation.samples_per_prompt=2", "generation.batch_size=8",
+           "generation.sampler.num_steps=2", "generation.sampler.batch_size=8",
+           "train.max_steps=4", "train.batch_size=2", "train.checkpoint_every=2",
+           "eval.num_prompts=24", "eval.samples=2", "eval.sampler.num_steps=8"]
+
+    def reached() -> bool:
+        if kill_at == "generation":  # the round's pairs are being written (Ray Data has started)
+            return (run / ".round_0.work").is_dir() and not (run / ".round_0.work" / "pairs").exists()
+        return any(p.name.startswith(".round_0.tmp-") for p in run.iterdir()) if run.is_dir() else False
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not reached():
+        time.sleep(0.05)
+    assert proc.poll() is None and reached(), f"the job did not reach {kill_at} (rc {proc.poll()})"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    time.sleep(2)
+    assert not (run / "round_0").exists()  # nothing published by the killed run
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (run / "round_0" / "_COMPLETE").is_file()
+    leftovers = [p.name for p in run.iterdir() if ".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".work")]
+    assert leftovers == []
+    manifest = json.loads((run / "round_0" / "pairs_manifest.json").read_text())
+    assert manifest["num_pairs"] > 0 and manifest["parquet_dir"] == "pairs"  # one finished, checksummed dataset
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["round"] for r in summary] == ["reference", "round 0"]  # published once

@@ -17,7 +17,6 @@ root) and checks, on both ranks:
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 from pathlib import Path
@@ -36,14 +35,10 @@ WORLD = 2
 
 
 def _shard(module: torch.nn.Module) -> None:
-    """What the training worker's shard_denoiser does: every block, then the root, on a 1-D CPU mesh."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    """The training engine's own sharding: every block, then the root, on a 1-D CPU mesh."""
+    from pipeline.training.engine import shard_denoiser
 
-    mesh = init_device_mesh("cpu", (WORLD,))
-    for block in [*module.down_blocks, module.mid_block, *module.up_blocks]:
-        fully_shard(block, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+    shard_denoiser(module, torch.device("cpu"))
 
 
 def _forward(unet, mb):
@@ -61,12 +56,12 @@ def _step_batch():
     return PairBatch(win, lose, [s.text for s in specs])
 
 
-def _step_lambda(backbone) -> float:
+def _step_lambda(backbone, reference=None) -> float:
     from pipeline.objectives import preset
     from pipeline.training import preference_step
 
     cfg = preset("diffusion-dpo").with_safeguard(mu=MU, space="parameter")
-    out = preference_step(backbone, cfg, _step_batch(), generator=torch.Generator().manual_seed(2))
+    out = preference_step(backbone, cfg, _step_batch(), generator=torch.Generator().manual_seed(2), reference=reference)
     out.loss.backward()
     return float(out.loser_scale)
 
@@ -77,6 +72,7 @@ def _worker(rank: int, port: int, data_path: str, model_dir: str, out_dir: str) 
 
     from pipeline.backbones import UNetBackbone
     from pipeline.objectives import parameter_space_lambda
+    from pipeline.training.reference import build_reference
     from pipeline.toyworld.reference import build_unet
 
     torch.set_num_threads(1)
@@ -118,9 +114,10 @@ def _worker(rank: int, port: int, data_path: str, model_dir: str, out_dir: str) 
         (pw.sum() + pl.sum()).backward()  # the caller's backward still runs through the retained graph
 
         backbone = UNetBackbone.from_pretrained(model_dir)
-        backbone.set_reference(copy.deepcopy(backbone.denoiser))  # the worker takes the reference before sharding
+        reference = build_reference(backbone)  # the trainer's reference, taken before sharding, sharded too
         _shard(backbone.denoiser)
-        res["step"] = _step_lambda(backbone)
+        _shard(reference)
+        res["step"] = _step_lambda(backbone, reference)
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

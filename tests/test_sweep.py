@@ -30,17 +30,16 @@ def local_ray():
 
 
 def _rounds(model, **train) -> dict:
-    return {"model": str(model), "rounds": 1, "eval_prompts": 4, "eval_samples": 2,
-            "eval_sampler": {**SAMPLER, "num_steps": 4},
+    return {"model": str(model), "rounds": 1, "eval": {"num_prompts": 4, "samples": 2, "sampler": {**SAMPLER, "num_steps": 4}},
             "generation": {"strategy": "ddspo-paired", "prompt_limit": 8, "batch_size": 8, "sampler": {**SAMPLER, "batch_size": 8}},
-            "train": {"objective": "sipo", "sdpo_mu": 0.9, "max_steps": 2, "batch_size": 2, **train}}
+            "train": {"objective": {"name": "sipo", "safeguard": {"mu": 0.9}}, "max_steps": 2, "batch_size": 2, **train}}
 
 
 def _run(tmp_path: Path, name: str, cfg: dict, *extra: str) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / name
-    assert sweep.main(["--out", str(out), "--config", str(path), *extra]) == 0
+    assert sweep.main(["--out", str(out), "--recipe", "defaults", "--config", str(path), *extra]) == 0
     return out
 
 
@@ -51,10 +50,13 @@ def _rows(out: Path) -> list[dict]:
 
 def _check_best_config(out: Path, rows: list[dict], swept: list[str]) -> dict:
     best = max((r for r in rows if r["status"] == "completed"), key=lambda r: float(r["final_reward"]))
-    cfg = iterative_sipo.build(iterative_sipo.parse_args(["--config", str(out / "best_config.yaml")]))
-    train = cfg.train_config("", "")  # validates like the job does
-    where = {"mu": train.sdpo_mu, "beta": train.objective_overrides.get("beta"),
-             "epsilon": train.objective_overrides.get("epsilon")}
+    from pipeline.cli import resolve
+    from pipeline.rounds import RoundsConfig
+
+    cfg = resolve(iterative_sipo.parse_args(["--config", str(out / "best_config.yaml")]), RoundsConfig)
+    objective = cfg.train.objective  # validated like the job does
+    where = {"mu": objective.safeguard.mu if objective.safeguard else None, "beta": objective.beta,
+             "epsilon": objective.epsilon}
     for p in swept:
         assert where[p] == pytest.approx(float(best[p])), p
     assert best["trial"] in (out / "best_config.yaml").read_text()  # the header names the trial
@@ -104,7 +106,7 @@ def test_grid_sweep_asha_stops_a_trial_and_writes_everything(grid_sweep):
     assert float(best["beta"]) == 1e-12
     # best_config.yaml is the tuned `rounds` config with only the swept values changed
     saved = yaml.safe_load((out / "best_config.yaml").read_text())
-    assert saved["train"]["lr"] == 1e-2 and saved["eval_prompts"] == 4
+    assert saved["train"]["lr"] == 1e-2 and saved["eval"]["num_prompts"] == 4
     md = (out / "results.md").read_text()
     assert "stopped early" in md and "reference reward" in md and best["trial"] in md
     assert (out / "reward_vs_hparams.png").stat().st_size > 0
@@ -138,18 +140,22 @@ def test_optuna_sweep_two_trials_at_a_time(tiny_toy_model_dir, grid_sweep, tmp_p
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(SystemExit, match="unknown config field"):
+    from pipeline.recipes import TOY_ROUNDS
+
+    with pytest.raises(SystemExit, match="unknown config field 'segmentz'; did you mean 'segments'"):
         sweep.build(sweep.parse_args(["--set", "segmentz=2"]))
-    with pytest.raises(ValueError, match=r"grid\.mu=2.*train\.sdpo_mu=2"):
+    with pytest.raises(SystemExit, match=r"grid\.mu=2.*train\.objective\.safeguard\.mu=2"):
         sweep.build(sweep.parse_args(["--set", "grid.mu=[2]"]))
-    with pytest.raises(ValueError, match="unknown hyperparameter"):
+    with pytest.raises(SystemExit, match="unknown hyperparameter"):
         sweep.build(sweep.parse_args(["--set", "grid.lr=[1e-4]"]))
-    with pytest.raises(ValueError, match=r"space\.beta"):
+    with pytest.raises(SystemExit, match=r"space\.beta"):
         sweep.build(sweep.parse_args(["--search", "optuna", "--set", "space.beta=[0,10]"]))
     cfg = sweep.build(sweep.parse_args(["--search", "optuna", "--num-samples", "5", "--set", "rounds.train.lr=1e-4"]))
-    assert cfg.search == "optuna" and cfg.trials == 5 and cfg.rounds["train"]["lr"] == 1e-4
-    # the tuned run: iterative_sipo's default, shortened to fit the sweep's budget
-    assert cfg.rounds["generation"] == {**iterative_sipo.EMBEDDED_DEFAULT["generation"], "prompt_limit": 96}
-    assert cfg.rounds["train"]["objective_overrides"] == iterative_sipo.EMBEDDED_DEFAULT["train"]["objective_overrides"]
+    assert cfg.search == "optuna" and cfg.trials == 5 and cfg.rounds.train.lr == 1e-4
+    # the tuned run: the toy-rounds recipe, shortened to fit the sweep's budget
+    assert cfg.rounds.generation.prompt_limit == 96 and cfg.rounds.train.max_steps == 100
+    assert cfg.rounds.generation.samples_per_prompt == TOY_ROUNDS["generation"]["samples_per_prompt"]
+    assert cfg.rounds.train.objective.beta == TOY_ROUNDS["train"]["objective"]["beta"]
+    assert cfg.trial_rounds().eval.num_prompts == 16 and cfg.rounds.eval.num_prompts == 48
     default = sweep.build(sweep.parse_args([]))
     assert default.trials == 4 and default.step_size * default.segments == 100

@@ -51,7 +51,7 @@ def test_one_worker_trains_and_checkpoints(tiny_pairs, tiny_train_config, tiny_t
 
 def test_two_workers_shard_with_fsdp2_and_resume(tiny_pairs, tiny_train_config, tiny_toy_model_dir, tmp_path):
     # the exact (parameter-space) SDPO λ takes gradients of sharded (DTensor) parameters
-    sharded = dict(num_workers=2, objective="sipo", sdpo_mu=0.0, sdpo_space="parameter")
+    sharded = dict(num_workers=2, objective={"name": "sipo", "safeguard": {"mu": 0.0, "space": "parameter"}})
     first = run_training(tiny_train_config(**sharded), tiny_pairs, tmp_path, "two")
     assert first.metrics["step"] == 2
     assert 0.0 <= first.metrics["lambda_mean"] <= 1.0

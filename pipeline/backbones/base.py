@@ -142,10 +142,6 @@ class Backbone(ABC):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
 
-    def set_reference(self, module: nn.Module | None) -> None:
-        """Use ``module`` as the reference (e.g. a previous round's policy); ``None`` re-copies lazily."""
-        self._reference = None if module is None else module.requires_grad_(False).eval()
-
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device

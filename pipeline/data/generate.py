@@ -17,7 +17,6 @@ to overwrite it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 
 import ray
 
+from ..config import fingerprint, sections
 from ..sampling import SamplerConfig
 from ..toyworld.reference import REFERENCE_DIR
 from ..utils.atomic import NotOurOutput, atomic_directory, check_replaceable, is_complete
@@ -38,7 +38,7 @@ LIGHT_STAGE_CPUS = 0.25
 ROWS_PER_PARTITION = 512
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationConfig:
     model: str = str(REFERENCE_DIR)
     weights: str = ""  # a trained denoiser (denoiser.safetensors) to sample from instead of the folder's
@@ -54,7 +54,7 @@ class GenerationConfig:
     pairing: str = "best-worst"
     min_reward_gap: float = 0.0
     reward: Any = field(default_factory=lambda: {"name": "toy"})
-    sampler: dict = field(default_factory=lambda: asdict(SamplerConfig()))
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     batch_size: int = 32
     num_actors: int = 1
     num_gpus_per_actor: float = -1.0  # -1: one GPU per model actor when the cluster has GPUs, else 0
@@ -67,11 +67,16 @@ class GenerationConfig:
     write_png: bool = True
 
     def __post_init__(self):
+        sections(self, sampler=SamplerConfig)
         checks = [
             ("strategy", self.strategy in STRATEGIES, f"one of {STRATEGIES}"),
             ("perturb", self.perturb in PERTURBATIONS, f"one of {PERTURBATIONS}"),
             ("pairing", self.pairing in ("best-worst", "all"), "'best-worst' or 'all'"),
             ("samples_per_prompt", self.samples_per_prompt >= 2 or self.strategy != "onpolicy", ">= 2 for onpolicy"),
+            ("samples_per_prompt", self.samples_per_prompt >= 1, ">= 1"),
+            ("prompt_limit", self.prompt_limit >= 0, ">= 0 (0 = all)"),
+            ("prompt_repeat", self.prompt_repeat >= 1, ">= 1"),
+            ("lora_rank", self.lora_rank >= 0, ">= 0"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("num_actors", self.num_actors >= 1, ">= 1"),
             ("cpus_per_actor", self.cpus_per_actor > 0, "> 0"),
@@ -80,11 +85,10 @@ class GenerationConfig:
         ]
         for name, ok, expected in checks:
             if not ok:
-                raise ValueError(f"generation.{name}={getattr(self, name)!r}: expected {expected}")
-        SamplerConfig(**self.sampler)  # validates the sampler fields
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected {expected}")
 
     def fingerprint(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return fingerprint(self)
 
 
 def _gpus(cfg: GenerationConfig) -> float:
@@ -121,7 +125,7 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
                                 fn_kwargs=dict(method=cfg.perturb, seed=cfg.seed))
 
     generate = dict(batch_size=cfg.batch_size, compute=pool, num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
-    gen_kwargs = dict(model=cfg.model, sampler=cfg.sampler, torch_threads=cfg.torch_threads,
+    gen_kwargs = dict(model=cfg.model, sampler=asdict(cfg.sampler), torch_threads=cfg.torch_threads,
                       write_png=cfg.write_png, weights=cfg.weights, lora_rank=cfg.lora_rank)
 
     if cfg.strategy == "onpolicy":
@@ -162,8 +166,12 @@ def existing_output(cfg: GenerationConfig, out: str | Path) -> dict | None:
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest["fingerprint"] == cfg.fingerprint():
             return manifest
+        from ..config import differences, to_dict
+        from ..utils.run_record import describe
+
         raise FileExistsError(f"{out} holds a finished dataset made with another config "
-                              f"(fingerprint {manifest['fingerprint']} != {cfg.fingerprint()}); choose another --out")
+                              f"({describe(differences(manifest.get('config', {}), to_dict(cfg)))}); "
+                              f"choose another --out")
     check_replaceable(out)
     return None
 
@@ -178,11 +186,22 @@ def generate(cfg: GenerationConfig, out: str | Path) -> dict:
     manifest = existing_output(cfg, out)
     if manifest is not None:
         return {**manifest, "skipped": True}
+    from ..utils.progress import Stage, emit, watch_data_operator
+    from .prompts import load_prompts
+
     t0 = time.time()
-    with atomic_directory(out, marker=True) as tmp:
+    n_prompts = len(load_prompts(cfg.prompts, limit=cfg.prompt_limit, repeat=cfg.prompt_repeat))
+    onpolicy = cfg.strategy == "onpolicy"
+    total, unit = (n_prompts * cfg.samples_per_prompt, "rollouts") if onpolicy else (n_prompts, "prompts")
+    name = f"round {cfg.round} · generate"
+    emit(f"{name} · {n_prompts} prompts × {cfg.samples_per_prompt} samples = {total} rollouts" if onpolicy else
+         f"{name} · {n_prompts} prompts ({cfg.strategy})")
+    stage = Stage(name, total, unit)
+    with atomic_directory(out, marker=True) as tmp, watch_data_operator("GenerateImages", stage):
         ds = build_dataset(cfg).sort("pair_id")  # a stable row order: reruns write identical files
         ds.write_parquet(str(tmp / PARQUET_DIR), min_rows_per_file=100_000)
         table = read_pairs(tmp / PARQUET_DIR)  # validate what was written (schema, finite values) before marking it
+        stage.close(f"{table.num_rows} pairs", done=total)
         manifest = {
             "fingerprint": cfg.fingerprint(), "config": asdict(cfg), "num_pairs": table.num_rows,
             "num_prompts": len(set(table.column("prompt").to_pylist())), "seconds": round(time.time() - t0, 2),

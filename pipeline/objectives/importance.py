@@ -3,7 +3,7 @@
 ``w = p_θ(x_{t-1} | x_t) / q(x_{t-1} | x_t, x0)`` with ``x_{t-1} ~ q(· | x_t, x0)``. Both densities are
 Gaussians with the posterior variance, so the ratio depends only on how far x̂0 is from x0.
 
-Choices where the paper is loose (DESIGN.md), each an argument here:
+Choices where the paper is loose (docs/objectives.md), each an argument here:
 
 * The log-density is **averaged over dimensions** (``reduce="mean"``). Summed over ~16k latent dims the
   weight is 0 or ∞; averaged, ``w < 0.9`` happens only for small t, as in SIPO Fig. 4.

@@ -1,6 +1,6 @@
 """Residuals, the preference logit z, and the per-pair losses of Diffusion-DPO, DMPO and DSPO (both forms).
 
-Notation (DESIGN.md): the per-sample residual is ``L = ½·mean_dims(‖pred − target‖²)`` in fp32, and
+Notation (docs/objectives.md): the per-sample residual is ``L = ½·mean_dims(‖pred − target‖²)`` in fp32, and
 
     z = −β·[(Lθ_w − Lref_w) − (Lθ_l − Lref_l)]                                   (SDPO paper Eq. 9)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .base import (CheckpointKeyError, RewardModel, RewardModelError, Standardized, WeightedMixture,
@@ -66,7 +67,8 @@ def reward_class(name: str) -> type[RewardModel]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
 
-def _build_one(spec: Mapping[str, Any]) -> tuple[RewardModel, float]:
+def _check_one(spec: Mapping[str, Any]) -> tuple[str, dict]:
+    """Name, keys and local paths of one reward spec, without loading anything."""
     if "name" not in spec:
         raise ValueError(f"reward spec needs a 'name' (one of {known_rewards()}): {dict(spec)}")
     key = _canonical(spec["name"])
@@ -80,6 +82,32 @@ def _build_one(spec: Mapping[str, Any]) -> tuple[RewardModel, float]:
         if unknown:
             raise ValueError(f"reward {key!r}: unknown spec keys {unknown}; accepted: "
                              f"{['name', *allowed, *_MIXTURE_KEYS]}")
+    for k, v in kwargs.items():
+        if k.endswith("path") and v and not Path(str(v)).exists():
+            raise FileNotFoundError(f"reward {key!r}: {k}={v} does not exist (reward models load from local paths only)")
+    return key, kwargs
+
+
+def check_reward_spec(spec: Any) -> None:
+    """Every component's name, keys and local paths — the checks :func:`build_reward` makes, without loading
+    a model (jobs call it before Ray starts)."""
+    if isinstance(spec, RewardModel):
+        return
+    if isinstance(spec, Mapping) and "components" in spec:
+        for s in _as_spec_list(spec["components"]):
+            _check_one(s)
+    elif isinstance(spec, Mapping):
+        _check_one(spec)
+    elif isinstance(spec, (list, tuple)):
+        for s in _as_spec_list(spec):
+            _check_one(s)
+    else:
+        raise TypeError(f"reward spec must be a dict, a list of dicts or a RewardModel, got {type(spec).__name__}")
+
+
+def _build_one(spec: Mapping[str, Any]) -> tuple[RewardModel, float]:
+    key, kwargs = _check_one(spec)
+    factory = reward_class(key)
     model = factory(**kwargs)
     if "mean" in spec or "std" in spec:
         model = Standardized(model, float(spec.get("mean", 0.0)), float(spec.get("std", 1.0)))
@@ -115,5 +143,5 @@ def _as_spec_list(specs: Any) -> list[Mapping[str, Any]]:
 
 __all__ = [
     "CheckpointKeyError", "RewardModel", "RewardModelError", "Standardized", "WeightedMixture",
-    "build_reward", "check_inputs", "known_rewards", "reward_class",
+    "build_reward", "check_inputs", "check_reward_spec", "known_rewards", "reward_class",
 ]

@@ -6,13 +6,13 @@ from .detector import (Detection, DetectedObject, ScoreResult, detect, detect_ba
 from .grammar import (ATTRIBUTES, COLOURS, COUNTS, POSITIONS, SHAPES, PromptSpec, all_specs,
                       as_spec, corrupt_spec, differ_in, heldout_pairs, heldout_specs, is_heldout,
                       parse_prompt, train_specs)
-from .renderer import (Placement, from_tensor, layout, render, render_batch, save_grid,
+from .renderer import (Placement, from_tensor, layout, render, render_batch,
                      to_tensor)
 
 __all__ = [
     "ATTRIBUTES", "COLOURS", "COUNTS", "POSITIONS", "SHAPES", "PromptSpec", "all_specs", "as_spec",
     "corrupt_spec", "differ_in", "heldout_pairs", "heldout_specs", "is_heldout", "parse_prompt",
-    "train_specs", "Placement", "from_tensor", "layout", "render", "render_batch", "save_grid",
+    "train_specs", "Placement", "from_tensor", "layout", "render", "render_batch",
     "to_tensor", "Detection", "DetectedObject", "ScoreResult", "detect", "detect_batch", "score",
     "to_unit_rgb",
 ]

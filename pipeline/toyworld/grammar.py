@@ -14,7 +14,6 @@ position still occurs in training: a test of compositional generalisation.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import product

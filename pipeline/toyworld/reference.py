@@ -7,7 +7,7 @@ SD-style folder does (:class:`pipeline.backbones.unet.UNetBackbone`):
   ``PreTrainedTokenizerFast`` (``AutoTokenizer`` loads it);
 * text encoder — a 2-layer, 64-wide ``CLIPTextModel``;
 * denoiser — a pixel-space ``UNet2DConditionModel`` at 32×32 with channels (16, 32, 64) and cross-attention
-  only at 8×8 (full-resolution attention costs ~8 s a step on 2 cores, DESIGN.md);
+  only at 8×8 (attention at full resolution makes a CPU training step many times slower; docs/toyworld.md);
 * scheduler — ``DDPMScheduler``, linear β, ε-prediction, x0 clipped to the image range when sampling.
 
 ``jobs/pretrain_toy.py`` trains it; the weights (a few MB) ship in ``reference_model/`` next to this file.

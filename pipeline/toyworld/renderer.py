@@ -181,19 +181,3 @@ def from_tensor(images: "torch.Tensor | np.ndarray") -> np.ndarray:
         raise ValueError(f"expected (N, 3, H, W) images, got shape {images.shape}")
     scaled = (np.clip(images, -1.0, 1.0) + 1.0) * 127.5
     return np.round(scaled).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def save_grid(images: np.ndarray, path: str, ncols: int = 8, scale: int = 4) -> None:
-    """Write uint8 ``(N, H, W, 3)`` images as one PNG grid (nearest-neighbour upscaled)."""
-    from PIL import Image
-
-    images = np.asarray(images)
-    n, h, w, _ = images.shape
-    ncols = max(1, min(ncols, n))
-    nrows = -(-n // ncols)
-    grid = np.zeros((nrows * (h + 1) + 1, ncols * (w + 1) + 1, 3), dtype=np.uint8) + 64
-    for i, img in enumerate(images):
-        r, c = divmod(i, ncols)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = img
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
-                                 Image.NEAREST).save(path)

@@ -1,33 +1,92 @@
-"""The training config: one flat dataclass validated at construction (the typed tree of issue 14 builds on it)."""
+"""The training section of the config tree: ``train`` → ``objective`` → ``safeguard``.
+
+β and μ are two leaves of one tree — ``train.objective.beta``, ``train.objective.safeguard.mu`` — and
+:meth:`ObjectiveSpec.build` turns the section into the pure-maths :class:`~pipeline.objectives.ObjectiveConfig`
+(``pipeline/objectives`` knows nothing of configs files). Leaves left ``None`` keep the named method's preset
+for the backbone family (``pipeline/objectives/objective.py``: ``PRESETS``, ``FAMILY_OVERRIDES``).
+Checks raise ``ValueError("field=value: expected …")``; :func:`pipeline.config.build` adds the dotted path.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Literal
 
+from ..config import sections
 from ..objectives import preset
+from ..objectives.objective import PRESETS
 from ..toyworld.reference import REFERENCE_DIR
 
-#: ``sdpo_mu`` value that turns the SDPO safeguard off; any other value must lie in [0, 1).
-SAFEGUARD_OFF = -1.0
+
+@dataclass(frozen=True)
+class SafeguardSpec:
+    """Diffusion-SDPO's safeguard: slack ``mu`` in [0, 1), λ in output or exact parameter space, per micro-batch
+    (the authors' code) or per sample."""
+
+    mu: float = 0.9
+    space: Literal["output", "parameter"] = "output"
+    scope: Literal["batch", "sample"] = "batch"
+
+    def __post_init__(self):
+        if not 0.0 <= self.mu < 1.0:
+            raise ValueError(f"mu={self.mu!r}: expected a slack in [0, 1) (turn the safeguard off with safeguard=null)")
+        if self.space == "parameter" and self.scope != "batch":
+            raise ValueError("scope='sample' with space='parameter': the exact λ is one per micro-batch, use scope='batch'")
 
 
-@dataclass
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """A named method (``name``: one of ``PRESETS``) for a backbone ``family``; every other leaf overrides the
+    preset when set (this library's β convention, docs/objectives.md)."""
+
+    name: str = "sipo"
+    family: Literal["sd15", "sdxl", "sd3", "sana"] = "sd15"
+    beta: float | None = None
+    epsilon: float | None = None  # SIPO / DPO-C&M clip range of importance weights
+    tau: float | None = None  # DPO-C&M mask threshold
+    dmpo_alpha: float | None = None
+    pair_reduce: Literal["min", "mean", "winner"] | None = None
+    detach_weights: bool | None = None
+    beta_timestep_factor: Literal["none", "T"] | None = None
+    dspo_form: Literal["sd15", "sdxl"] | None = None
+    timestep_weighting: Literal["none", "linear"] | None = None
+    residual_space: Literal["model", "x0"] | None = None
+    safeguard: SafeguardSpec | None = None  # None: off
+
+    def __post_init__(self):
+        sections(self, safeguard=SafeguardSpec)
+        if self.name not in PRESETS:
+            raise ValueError(f"name={self.name!r}: expected one of {sorted(PRESETS)}")
+        try:
+            self.build()
+        except ValueError as err:  # the objective's own checks, e.g. "objective.beta=-1: expected …"
+            raise ValueError(str(err).removeprefix("objective.")) from err
+
+    def build(self):
+        """The :class:`~pipeline.objectives.ObjectiveConfig` this section describes."""
+        overrides = {f.name: getattr(self, f.name) for f in fields(self)
+                     if f.name not in ("name", "family", "safeguard") and getattr(self, f.name) is not None}
+        cfg = preset(self.name, family=self.family, **overrides)
+        if self.safeguard is not None:
+            sg = self.safeguard
+            cfg = cfg.with_safeguard(mu=sg.mu, space=sg.space, scope=sg.scope)
+        return cfg
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: str = str(REFERENCE_DIR)
     init_weights: str = ""  # denoiser.safetensors of a previous round's policy ("" = the model's own weights)
     reference_weights: str = ""  # the reference's denoiser ("" = the model folder's own weights)
-    objective: str = "sipo"
-    objective_overrides: dict = field(default_factory=dict)  # e.g. {"beta": 2000}
-    sdpo_mu: float = SAFEGUARD_OFF  # the SDPO safeguard's slack μ in [0, 1); -1 = off
-    sdpo_space: str = "output"
+    objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
     lora_rank: int = 0
     lr: float = 1e-5
-    lr_schedule: str = "constant"  # constant | cosine
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
     max_steps: int = 100  # optimizer steps
     batch_size: int = 8  # pairs per worker micro-batch
     grad_accum: int = 1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0 = off
     ema_decay: float = 0.0  # 0 = off
     bf16: bool = True  # autocast on GPU (loss math stays fp32)
     num_workers: int = 1
@@ -38,30 +97,23 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        sections(self, objective=ObjectiveSpec)
         for name, ok, expected in [
             ("lr", self.lr > 0, "> 0"), ("max_steps", self.max_steps >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"), ("grad_accum", self.grad_accum >= 1, ">= 1"),
-            ("lr_schedule", self.lr_schedule in ("constant", "cosine"), "'constant' or 'cosine'"),
             ("num_workers", self.num_workers >= 1, ">= 1"), ("torch_threads", self.torch_threads >= 0, ">= 0"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"), ("log_every", self.log_every >= 1, ">= 1"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"), ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)"),
             ("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
-            ("sdpo_mu", self.sdpo_mu == SAFEGUARD_OFF or 0.0 <= self.sdpo_mu < 1.0,
-             f"a slack in [0, 1), or {SAFEGUARD_OFF:g} to turn the safeguard off"),
-            ("sdpo_space", self.sdpo_space in ("output", "parameter"), "'output' or 'parameter'"),
             ("lora_rank", self.lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),
             ("reference_weights", not (self.reference_weights and self.lora_rank), "'' with LoRA (adapters off)"),
         ]:
             if not ok:
-                raise ValueError(f"train.{name}={getattr(self, name)!r}: expected {expected}")
-        self.objective_config()  # validates objective, overrides and safeguard
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected {expected}")
 
     @property
     def safeguard_on(self) -> bool:
-        return self.sdpo_mu != SAFEGUARD_OFF
+        return self.objective.safeguard is not None
 
     def objective_config(self):
-        cfg = preset(self.objective, **self.objective_overrides)
-        if self.safeguard_on:
-            cfg = cfg.with_safeguard(mu=self.sdpo_mu, space=self.sdpo_space)
-        return cfg
+        return self.objective.build()

@@ -6,7 +6,7 @@ metrics. Rank 0's metrics are written at their ``step``:
 
 * TensorBoard event files (tensorboardX, the writer Ray Tune's own TensorBoard logger uses) in ``logdir``;
 * ``progress.jsonl`` in ``logdir``: one line per report, which the driver tails to print step lines
-  (``pipeline/utils/driver.py``), so the console shows training progress while Ray's own output stays in its
+  (``pipeline/utils/progress.py``), so the console shows training progress while Ray's own output stays in its
   log files.
 """
 

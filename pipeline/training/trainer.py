@@ -8,6 +8,8 @@ is raised here at once, without retries.
 
 from __future__ import annotations
 
+import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import ray
@@ -15,10 +17,11 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ..data.schema import read_pairs
+from ..utils.progress import tail_training
 from .config import TrainConfig
 from .engine import TrainingDiverged
 from .tracking import MetricsTracker
-from .worker import FATAL_KEY, config_dict, train_loop_per_worker
+from .worker import FATAL_FILE, config_dict, train_loop_per_worker
 
 
 class TrainingFailed(RuntimeError):
@@ -26,19 +29,22 @@ class TrainingFailed(RuntimeError):
 
 
 def run_training(cfg: TrainConfig, pairs: str | Path, storage: str | Path, name: str, *, max_failures: int = 2,
-                 logdir: str | Path | None = None):
+                 logdir: str | Path | None = None, progress: bool = True):
     """Train on a pairs dataset; returns Ray Train's ``Result`` (``result.checkpoint`` is the last one).
 
     Every ``log_every`` steps the metrics go to TensorBoard event files and ``progress.jsonl`` in ``logdir``
-    (default ``<storage>/<name>/tensorboard``)."""
+    (default ``<storage>/<name>/tensorboard``); with ``progress`` this process prints them as step lines
+    (``pipeline/utils/progress.py``: ``tail_training``)."""
     table = read_pairs(pairs)  # validate the schema, checksums and values before any worker starts
     if table.num_rows < cfg.batch_size * cfg.num_workers:
         raise ValueError(f"{pairs}: {table.num_rows} pairs, fewer than one batch per worker "
                          f"({cfg.batch_size} × {cfg.num_workers} workers)")
     dataset = ray.data.from_arrow(table.drop(["png_w", "png_l"]))
+    fatal_path = (Path(storage) / name / FATAL_FILE).resolve()
+    fatal_path.unlink(missing_ok=True)  # a previous attempt's; this one starts clean
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config_dict(cfg),
+        train_loop_config=config_dict(cfg, fatal_path=fatal_path),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
@@ -49,8 +55,12 @@ def run_training(cfg: TrainConfig, pairs: str | Path, storage: str | Path, name:
         # every worker sees every pair; the engine's sampler gives each rank its share deterministically
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
-    fatal = (result.metrics or {}).get(FATAL_KEY)
+    tail = nullcontext() if not progress else tail_training(
+        Path(logdir or Path(storage) / name / "tensorboard").resolve(), cfg.max_steps, label=name,
+        pairs_per_step=cfg.batch_size * cfg.grad_accum * cfg.num_workers)
+    with tail:
+        result = trainer.fit()
+    fatal = json.loads(fatal_path.read_text())["error"] if fatal_path.exists() else None
     if fatal:
         cls = TrainingDiverged if fatal.startswith(TrainingDiverged.__name__) else TrainingFailed
         raise cls(f"training stopped ({Path(storage) / name}): {fatal}")

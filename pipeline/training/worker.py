@@ -8,21 +8,21 @@ the engine's whole state (weights, optimizer, EMA, step, sampler position, RNG s
 gathered copy), so a restart — after a worker failure or a relaunch — continues bit-identically.
 
 A deterministic failure (a non-finite loss, a missing model folder, a bad dataset) is not retried:
-every rank reports it as ``fatal_error`` and returns, and :func:`~pipeline.training.trainer.run_training`
-raises it on the driver.
+rank 0 writes it to the run's ``fatal_error.json`` (in the Ray Train storage, which the driver sees),
+every rank returns, and :func:`~pipeline.training.trainer.run_training` raises it on the driver.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import build, to_dict
 from ..data.schema import SchemaError
 from .config import TrainConfig
 from .engine import PairData, TrainEngine, TrainingDiverged
@@ -31,7 +31,7 @@ STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "denoiser.safetensors"
 EMA_FILE = "ema.safetensors"  # EMA of the trainable parameters, by name
 HISTORY_FILE = "history.json"  # every logged window's metrics up to this checkpoint (survives resumes)
-FATAL_KEY = "fatal_error"
+FATAL_FILE = "fatal_error.json"  # in <storage>/<name>/: a deterministic error the workers stopped on
 
 #: errors that a retry from the last checkpoint would only repeat
 DETERMINISTIC_ERRORS = (TrainingDiverged, SchemaError, FileNotFoundError, NotADirectoryError)
@@ -72,7 +72,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     try:
-        cfg = TrainConfig(**config["train"])
+        cfg = build(TrainConfig, config["train"], "train")
         engine = TrainEngine(cfg, device=ray.train.torch.get_device(), rank=ctx.get_world_rank(),
                              world=ctx.get_world_size())
         data = _read_shard(ray.train.get_dataset_shard("train"))
@@ -89,9 +89,12 @@ def train_loop_per_worker(config: dict) -> None:
 
         engine.run(data, on_log=lambda m: ray.train.report(m), on_checkpoint=report_checkpoint)
     except DETERMINISTIC_ERRORS as err:
-        ray.train.report({FATAL_KEY: f"{type(err).__name__}: {err}"})
+        if ctx.get_world_rank() == 0 and config.get("fatal_path"):
+            from ..utils.atomic import atomic_write_bytes
+
+            atomic_write_bytes(config["fatal_path"], json.dumps({"error": f"{type(err).__name__}: {err}"}).encode())
 
 
-def config_dict(cfg: TrainConfig) -> dict:
-    return {"train": asdict(cfg)}
+def config_dict(cfg: TrainConfig, *, fatal_path: str | Path | None = None) -> dict:
+    return {"train": to_dict(cfg), "fatal_path": str(fatal_path) if fatal_path else ""}
 

@@ -11,6 +11,7 @@ of hanging on a network that is not there.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -101,27 +102,82 @@ def start_ray(num_cpus: int | None = None, node_ip_address: str | None = None) -
     choose another), so every server it starts (GCS, raylet, workers, agents, metrics export and, if
     enabled, the dashboard) listens on loopback only. Joining a cluster (``RAY_ADDRESS`` set, or under
     ``ray job submit``) passes none of that. Every worker gets :data:`OFFLINE_ENV`. Also applies
-    :func:`offline_mode` to this process.
+    :func:`offline_mode` to this process, and keeps Ray's own output off the console (:func:`quiet_console`;
+    the driver's ``ray`` loggers at WARNING; worker output stays in Ray's log files, ``log_to_driver=False``).
     """
     offline_mode()
     import ray
 
     kwargs = ray_init_kwargs(num_cpus, node_ip_address)
+    # The driver's "ray" loggers print warnings and errors only (Ray's own processes keep their log files); a
+    # notice at every start that says nothing to act on is dropped.
+    kwargs.setdefault("logging_level", logging.WARNING)
+    for name in _SILENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     loopback = kwargs.get("_node_ip_address") in (LOOPBACK, "localhost", "::1")
     if not loopback:
         ray.init(**kwargs)
-        return
-    # ray.init turns a loopback node address into the machine's routable one ("remotely reachable") unless
-    # Ray runs in its single-machine mode (ENABLE_RAY_CLUSTER false, the macOS/Windows default); that mode
-    # changes nothing else for a driver, so hold it for the start only.
-    from ray._private import ray_constants
+    else:
+        # ray.init turns a loopback node address into the machine's routable one ("remotely reachable") unless
+        # Ray runs in its single-machine mode (ENABLE_RAY_CLUSTER false, the macOS/Windows default); that mode
+        # changes nothing else for a driver, so hold it for the start only.
+        from ray._private import ray_constants
 
-    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        ray.init(**kwargs)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before
+        before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(**kwargs)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = before
+    quiet_console()
+    from .progress import reset_clock
+
+    reset_clock()  # the progress lines count seconds from here, as the jobs' ElapsedLog does
+
+
+#: Driver loggers whose warnings are notices (token authentication enabled by default, at every local start).
+_SILENT_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+#: Ray Data console warnings that only say what :func:`quiet_console` itself switched off.
+_DATA_NOTICES = ("Progress bars disabled", "Progress bars for operators disabled")
+
+
+class _DropNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_DATA_NOTICES)
+
+
+def quiet_console() -> None:
+    """Keep Ray Data's and the model libraries' progress output off this process's console.
+
+    Ray Data: no progress bars (on a pipe they are status blocks of every operator, logged every few seconds),
+    no "Starting execution" / "Execution plan" lines, no stats dump; its console handler shows warnings and
+    errors only, while its log file (``<session>/logs/ray-data/``) keeps everything. The Hugging Face
+    libraries' weight-loading bars are switched off unless ``HF_HUB_DISABLE_PROGRESS_BARS`` says otherwise.
+    :func:`start_ray` calls it; a process that starts Ray itself may too. The jobs print their own progress
+    (``pipeline/utils/progress.py``)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+            if not any(isinstance(f, _DropNotices) for f in handler.filters):
+                handler.addFilter(_DropNotices())
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is None:
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()  # also read by transformers when it is imported later
+        except ImportError:
+            pass
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
 
 
 class ElapsedLog:

@@ -122,3 +122,179 @@ def plot_bands(series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequ
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+#: The training-curve panels: (title, ((metric, label), …)). A panel is drawn when any of its metrics was logged.
+TRAINING_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("loss", (("loss", "loss"),)),
+    ("margin (reference − policy, winner − loser)", (("margin", "margin"),)),
+    ("denoising residuals", (("residual_w", "policy, winner"), ("residual_l", "policy, loser"),
+                             ("ref_residual_w", "reference, winner"), ("ref_residual_l", "reference, loser"))),
+    ("implicit accuracy", (("implicit_acc", "implicit accuracy"),)),
+    ("safeguard λ", (("lambda_mean", "mean λ"), ("lambda_active_frac", "active fraction (λ < 1)"))),
+    ("importance weight", (("iw_mean", "mean"), ("iw_min", "min"))),
+    ("masked fraction", (("masked_frac", "masked fraction"),)),
+    ("gradient norm (before clipping)", (("grad_norm", "grad norm"),)),
+)
+SAFEGUARD_PANEL = "safeguard λ"
+
+
+def _png(fig, **kw) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **kw)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_training_curves(histories: Sequence[Sequence[Mapping]], path: str | Path, *, title: str = "",
+                         xlabel: str = "optimizer step", safeguard: bool | None = None,
+                         segment_label: str = "round") -> list[str]:
+    """Training metrics in separate panels (:data:`TRAINING_PANELS`), a point at every logged step.
+
+    ``histories``: one list of logged metric dicts (each with its ``step``) per segment — e.g. one per online
+    round; segments are laid end to end on the step axis with a dashed line (and ``segment_label k``) at each
+    boundary. The λ panel is drawn when ``safeguard`` is on (``None``: when any λ < 1 was logged). Returns the
+    titles of the panels drawn."""
+    xs: list[float] = []
+    rows: list[Mapping] = []
+    bounds: list[float] = []
+    offset = 0.0
+    for hist in histories:
+        hist = [h for h in hist if h.get("loss") is not None]
+        if not hist:
+            continue
+        if xs:  # a gap (NaN point) at the boundary, so no line joins two segments
+            bounds.append(offset)
+            xs.append(offset + 0.5)
+            rows.append({})
+        xs += [offset + float(h.get("step", i + 1)) for i, h in enumerate(hist)]
+        rows += hist
+        offset = xs[-1]
+
+    def values(key):
+        return [float(h[key]) if isinstance(h.get(key), (int, float)) else float("nan") for h in rows]
+
+    if safeguard is None:
+        safeguard = any(v < 1 for v in values("lambda_mean") if v == v)
+    panels = []
+    for name, metrics in TRAINING_PANELS:
+        if name == SAFEGUARD_PANEL and not safeguard:
+            continue
+        series = [(label, values(key)) for key, label in metrics if any(key in h for h in rows)]
+        if series:
+            panels.append((name, series))
+    n = max(len(panels), 1)
+    ncols = min(3, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.8 * nrows + 0.4), dpi=110, squeeze=False)
+    styles = ("-", "-", "--", "--")
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.set_visible(False)
+            continue
+        name, series = panels[k]
+        for j, (label, ys) in enumerate(series):
+            ax.plot(xs, ys, label=label, lw=1.2, color=f"C{j % 2 if name == 'denoising residuals' else j}",
+                    ls=styles[j] if name == "denoising residuals" else "-",
+                    marker="." if len(xs) <= 40 else None, ms=3)
+        for b in bounds:
+            ax.axvline(b, color="grey", lw=0.8, ls=":")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    if bounds and panels:
+        axes.flat[0].text(0.0, 1.12, f"dotted lines: {segment_label} boundaries", transform=axes.flat[0].transAxes,
+                          fontsize=7, color="grey")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write_bytes(path, _png(fig))
+    return [name for name, _ in panels]
+
+
+def paired_grid(ref_images, policy_images, row_labels: Sequence[str], deltas: Sequence[float], path: str | Path, *,
+                ref_scores=None, policy_scores=None, titles: tuple[str, str] = ("reference", "policy"),
+                scale: float = 0.9) -> tuple[int, int]:
+    """Reference and policy images on the same seeds, side by side: row r is prompt r, its ``S`` reference
+    samples then its ``S`` policy samples (the same seed in the same place of each half), labelled with the
+    prompt and its paired Δ (policy − reference, mean over the row's seeds). Images: uint8 ``(rows, S, H, W, 3)``
+    (or float ``(rows, S, 3, H, W)`` in [0, 1]); optional scores ``(rows, S)`` are printed under each image.
+    Built with ``torchvision.utils.make_grid``; returns (rows, columns) of the grid."""
+    import numpy as np
+    import torch
+    from torchvision.utils import make_grid
+
+    def chw(a) -> torch.Tensor:
+        t = torch.as_tensor(np.ascontiguousarray(a))
+        if t.dtype == torch.uint8:
+            t = t.permute(0, 1, 4, 2, 3).float() / 255.0
+        return t
+
+    ref, pol = chw(ref_images), chw(policy_images)
+    if ref.shape != pol.shape:
+        raise ValueError(f"paired_grid: reference {tuple(ref.shape)} and policy {tuple(pol.shape)} images differ")
+    rows, per = ref.shape[:2]
+    if len(row_labels) != rows or len(deltas) != rows:
+        raise ValueError(f"paired_grid: {rows} rows of images, {len(row_labels)} labels, {len(deltas)} deltas")
+    h, w = ref.shape[-2:]
+    pad = max(1, h // 16)
+    gap = torch.ones(rows, 1, 3, h, w)  # a blank column between the halves
+    cells = torch.cat([ref, gap, pol], dim=1).reshape(-1, 3, h, w)
+    ncols = 2 * per + 1
+    grid = make_grid(cells, nrow=ncols, padding=pad, pad_value=1.0)
+    img = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    cell_w, cell_h = w + pad, h + pad
+    fig_w = ncols * scale + 3.2
+    fig, ax = plt.subplots(figsize=(fig_w, rows * scale + 0.6), dpi=110)
+    ax.imshow(img, interpolation="nearest")
+    ax.set_xticks([pad + cell_w * (per / 2) - cell_w / 2, pad + cell_w * (per + 1 + per / 2) - cell_w / 2])
+    ax.set_xticklabels(list(titles), fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks([pad + cell_h * r + h / 2 for r in range(rows)])
+    ax.set_yticklabels([f"{lab}   Δ {float(d):+.2f}" for lab, d in zip(row_labels, deltas)], fontsize=7)
+    ax.tick_params(length=0)
+    ax.set_xlabel("the same seed in the same column of each half; Δ = policy − reference reward, mean over the "
+                  "row's seeds", fontsize=7)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    for scores, start in ((ref_scores, 0), (policy_scores, per + 1)):
+        if scores is None:
+            continue
+        for r in range(rows):
+            for c in range(per):
+                ax.text(pad + cell_w * (start + c) + w / 2, pad + cell_h * r + h - 1, f"{float(scores[r][c]):.2f}",
+                        ha="center", va="bottom", fontsize=5, color="white",
+                        bbox=dict(boxstyle="square,pad=0.05", fc="black", alpha=0.5, lw=0))
+    atomic_write_bytes(path, _png(fig, bbox_inches="tight", pad_inches=0.05))  # the prompts are wide labels
+    return rows, ncols
+
+
+def plot_intervals(labels: Sequence[str], mean: Sequence[float], low: Sequence[float], high: Sequence[float],
+                   path: str | Path, *, ylabel: str = "", title: str = "", band: tuple[float, float, float] | None = None,
+                   band_label: str = "", xlabel: str = "") -> None:
+    """Point estimates with error bars (e.g. 95% intervals) at integer positions labelled ``labels`` (rounds:
+    integer ticks only); ``band`` = (centre, low, high) is drawn as a dashed line with a shaded interval
+    (e.g. the reference's)."""
+    x = list(range(len(labels)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.0 * len(x) + 2.0), 3.5), dpi=120)
+    if band is not None:
+        ax.axhline(band[0], color="grey", lw=1, ls="--", label=band_label or None)
+        ax.axhspan(band[1], band[2], color="grey", alpha=0.15, lw=0)
+    m = [float(v) for v in mean]
+    err = [[mi - float(lo) for mi, lo in zip(m, low)], [float(hi) - mi for mi, hi in zip(m, high)]]
+    ax.errorbar(x, m, yerr=err, fmt="o-", color="C0", capsize=4, lw=1.2, label="mean (95% CI)")
+    ax.set_xticks(x)
+    ax.set_xticklabels(list(labels), fontsize=8)
+    ax.set_xlim(-0.5, len(x) - 0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write_bytes(path, _png(fig))

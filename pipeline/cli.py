@@ -1,0 +1,55 @@
+"""The jobs' front door: ``--recipe`` / ``--config`` / ``--set`` (repeatable) / ``--print-config``.
+
+Resolution order: the dataclass defaults ← the recipe ← the ``--config`` file (merged: a file that sets only
+``train.lr`` keeps the rest of the recipe) ← every ``--set KEY=VALUE`` in order (``--set a=1 --set b=2`` and
+``--set a=1 b=2`` are the same). A bad field or value exits with a message naming its dotted path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .config import ConfigError, apply_overrides, build, merge, read_config_file, to_dict
+from .recipes import RECIPES, recipe
+
+T = TypeVar("T")
+
+
+def add_config_args(parser: argparse.ArgumentParser, *, default_recipe: str) -> None:
+    parser.add_argument("--recipe", default=default_recipe, choices=sorted(RECIPES),
+                        help=f"named starting config (pipeline/recipes.py; default: {default_recipe})")
+    parser.add_argument("--config", type=Path, help="JSON or YAML file, merged over the recipe")
+    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a field by its dotted path, e.g. train.lr=1e-4 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    return [item for group in args.overrides for item in group]
+
+
+def config_data(args: argparse.Namespace, extra: list[str] = ()) -> dict[str, Any]:
+    """The merged mapping (recipe ← file ← overrides) before it is built into a dataclass."""
+    data = recipe(args.recipe)
+    if args.config:
+        data = merge(data, read_config_file(args.config))
+    return apply_overrides(data, [*overrides_of(args), *extra])
+
+
+def resolve(args: argparse.Namespace, cls: type[T], *, extra: list[str] = (), data: dict | None = None) -> T:
+    """The job's config tree; a config error exits with its message (no traceback), before any work starts."""
+    try:
+        cfg = build(cls, config_data(args, list(extra)) if data is None else data)
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+        sys.stdout.flush()
+        raise SystemExit(0)
+    return cfg
+

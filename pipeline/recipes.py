@@ -1,0 +1,57 @@
+"""Named recipes: complete, tuned run configs — the one place that holds the jobs' numeric defaults.
+
+A recipe is a partial config tree (a mapping) merged over the dataclass defaults; a job starts from its
+default recipe, a ``--config`` file merges over it and ``--set`` overrides go last (``pipeline/cli.py``).
+``python jobs/iterative_sipo.py --print-config`` shows the resolved tree.
+
+Why these numbers: README (the embedded default's measured result), docs/jobs.md (the sweep's budget),
+bench/results/generation.md (two single-threaded generation actors beat one two-threaded actor on 2 cores).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+#: One online round on the toy world (the embedded default of jobs/iterative_sipo.py): every prompt of the
+#: toy training split, 4 rollouts each, every pair whose reward gap exceeds 0.1; SIPO with β = 20000 (at the
+#: preset's β = 1000 both residuals climb: SIPO Fig. 8c's small-β drift), lr 5e-5, 150 steps, weight EMA 0.98;
+#: 48 held-out prompts × 4 seeds.
+TOY_ROUNDS: dict[str, Any] = {
+    "rounds": 1,
+    "generation": {"prompts": "toy:train", "prompt_limit": 168, "samples_per_prompt": 4, "pairing": "all",
+                   "min_reward_gap": 0.1, "batch_size": 64, "num_actors": 2,
+                   "sampler": {"num_steps": 10, "guidance_scale": 3.0, "eta": 1.0, "batch_size": 64}},
+    "train": {"objective": {"name": "sipo", "beta": 20000.0}, "lr": 5e-5, "max_steps": 150, "batch_size": 8,
+              "log_every": 10, "checkpoint_every": 50, "ema_decay": 0.98, "torch_threads": 2},
+    "eval": {"prompts": "toy:heldout", "num_prompts": 48, "samples": 4},
+}
+
+#: The sweep's default (jobs/sweep.py): round 0 of a shortened TOY_ROUNDS (96 prompts, 100 steps) as 2
+#: segments, a 2×2 grid over μ (null = the safeguard off) and β, each segment scored on 16 held-out prompts ×
+#: 2 seeds, so that the sweep fits about 10 minutes on a 2-core machine.
+TOY_SWEEP: dict[str, Any] = {
+    "rounds": {**TOY_ROUNDS, "generation": {**TOY_ROUNDS["generation"], "prompt_limit": 96},
+               "train": {**TOY_ROUNDS["train"], "max_steps": 100}},
+    "trial": {"eval": {"num_prompts": 16, "samples": 2}},
+    "search": "grid",
+    "grid": {"mu": [None, 0.5], "beta": [5000.0, 20000.0]},
+    "space": {"mu": [0.0, 0.99], "beta": [1000.0, 100000.0], "epsilon": [0.05, 0.3]},
+    "segments": 2,
+    "grace_period": 1,
+    "reduction_factor": 2,
+}
+
+#: jobs/train.py and jobs/generate_pairs.py start from the dataclass defaults (the shipped toy reference).
+RECIPES: dict[str, dict[str, Any]] = {
+    "toy-rounds": TOY_ROUNDS,
+    "toy-sweep": TOY_SWEEP,
+    "defaults": {},
+}
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """A deep copy of a named recipe."""
+    if name not in RECIPES:
+        raise KeyError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
+    return copy.deepcopy(RECIPES[name])
