@@ -417,9 +417,9 @@ def main(argv=None) -> int:
         work = Path(tmp)
         onpolicy = generate_pairs(args.model, work / "onpolicy", b)
         perturbed = generate_pairs(args.model, work / "ddspo", b, strategy="ddspo-paired")
-        log(f"pairs: {len(onpolicy['prompts'])} on-policy, {len(perturbed['prompts'])} perturbation")
+        log(f"pairs: {len(onpolicy)} on-policy, {len(perturbed)} perturbation")
         ref_rewards = held_out(load_backbone(args.model), b)
-        r = {"reference": mean_ci(ref_rewards), "pairs_onpolicy": len(onpolicy["prompts"]), "torch": torch.__version__}
+        r = {"reference": mean_ci(ref_rewards), "pairs_onpolicy": len(onpolicy), "torch": torch.__version__}
         r["a"] = claim_a(args.model, onpolicy, ref_rewards, b, figs, log)
         r["b"] = claim_b(args.model, perturbed, ref_rewards, b, log)
         r["c_beta"] = claim_c_beta(args.model, onpolicy, ref_rewards, b, log)

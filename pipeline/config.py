@@ -123,6 +123,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = dataclasses.asdict(value)
+        if isinstance(value, str) and "name" in {f.name for f in dataclasses.fields(tp)}:
+            value = {"name": value}  # shorthand: a section with a ``name`` may be given by its name alone
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}={value!r}: expected a mapping of {tp.__name__} fields")
         return build(tp, value, path)
@@ -239,9 +241,10 @@ def replace_at(cfg: T, updates: Mapping[str, Any]) -> T:
 
 
 def sections(obj: Any, **classes: type) -> None:
-    """In a (frozen) dataclass's ``__post_init__``: build the named fields from mappings when a caller passed
-    plain dicts (``TrainConfig(objective={"name": "ddspo"})``), so the tree is typed however it was made."""
+    """In a (frozen) dataclass's ``__post_init__``: build the named fields from mappings (or a section's name)
+    when a caller passed plain values (``TrainConfig(objective={"name": "ddspo"})``, ``objective="ddspo"``), so
+    the tree is typed however it was made."""
     for name, cls in classes.items():
         value = getattr(obj, name)
-        if isinstance(value, Mapping):
-            object.__setattr__(obj, name, build(cls, value, name))
+        if isinstance(value, (Mapping, str)):
+            object.__setattr__(obj, name, _coerce(cls, value, name))

@@ -52,7 +52,8 @@ from .utils.run_record import guard_run_dir
 
 POLICY_FILE = "policy.safetensors"
 #: fields a rerun into the same run directory may change: run more rounds, or the same work on other resources
-RESUMABLE = ("rounds", "train.num_workers", "train.use_gpu", "train.torch_threads", "train.log_every")
+RESUMABLE = ("rounds", "train.num_workers", "train.use_gpu", "train.torch_threads", "train.log_every",
+             "train.report_to", "train.mlflow_uri")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 sweep with two trials at a time, the outputs, best_config.yaml through iterative_sipo's build, a resume."""
 
 import csv
+import json
 import sys
 import time
 from pathlib import Path
@@ -111,7 +112,9 @@ def test_grid_sweep_asha_stops_a_trial_and_writes_everything(grid_sweep):
     assert "stopped early" in md and "reference reward" in md and best["trial"] in md
     assert (out / "reward_vs_hparams.png").stat().st_size > 0
     assert (out / "pairs" / "manifest.json").exists()  # generated once, up front
-    assert sorted(p.name for p in (out / "trials" / best["trial"]).iterdir()) == ["segment_1", "segment_2"]
+    assert sorted(p.name for p in (out / "trials" / best["trial"]).iterdir()) == ["segment_1", "segment_2", "tensorboard"]
+    progress = (out / "trials" / best["trial"] / "tensorboard" / "progress.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in progress] == [1, 2]  # the trial's per-step metrics
     assert not (out / "train").exists()  # Train checkpoints removed (keep_train_runs=false)
     assert _resources_released()
     # A rerun resumes the finished experiment: nothing is trained again, the tables are rewritten.

@@ -68,3 +68,57 @@ def test_two_workers_shard_with_fsdp2_and_resume(tiny_pairs, tiny_train_config, 
 def test_too_few_pairs_is_a_clear_error(tiny_pairs, tiny_train_config, tmp_path):
     with pytest.raises(ValueError, match="fewer than one batch per worker"):
         run_training(tiny_train_config(batch_size=64), tiny_pairs, tmp_path, "big")
+
+
+def test_metrics_go_to_mlflow_in_a_local_file_store(tiny_pairs, tiny_train_config, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this reader; the tracker sets it where it writes
+    cfg = tiny_train_config(max_steps=2, log_every=1, report_to=("tensorboard", "mlflow"))
+    run_training(cfg, tiny_pairs, tmp_path, "tracked", logdir=tmp_path / "tb", progress=False)
+    client = MlflowClient((tmp_path / "tb" / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+    assert run.data.params["objective.name"] == "ddspo" and run.data.params["lr"] == "0.001"
+
+
+def read_wandb_history(path):
+    """(step, metrics) of every history record in an offline ``.wandb`` file: LevelDB-log framing (32 KiB blocks,
+    7-byte record headers; full / first / middle / last fragments) after a 7-byte W&B header, around W&B's own
+    ``Record`` protos."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, records, partial = open(path, "rb").read(), 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            records.append(chunk)
+        elif kind in (2, 3):
+            partial += chunk
+        elif kind == 4:
+            records.append(partial + chunk)
+            partial = b""
+    out = []
+    for raw in records:
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "history":
+            items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+            out.append((items["_step"], items))
+    return out
+
+
+def test_metrics_go_to_wandb_offline(tiny_pairs, tiny_train_config, tmp_path):
+    cfg = tiny_train_config(max_steps=2, log_every=1, report_to=("wandb",))
+    run_training(cfg, tiny_pairs, tmp_path, "wb", logdir=tmp_path / "tb", progress=False)
+    (run_file,) = (tmp_path / "tb" / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads
+    history = read_wandb_history(run_file)
+    assert [step for step, _ in history] == [1, 2]
+    assert all("train/loss" in items and "train/implicit_acc" in items for _, items in history)

@@ -92,6 +92,8 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     log_every: int = 10  # optimizer steps between metric reports (independent of checkpoints)
+    report_to: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ("tensorboard",)  # where the metrics go
+    mlflow_uri: str = ""  # MLflow tracking URI ("" = a local file store in the run's tensorboard/mlruns)
     checkpoint_every: int = 25
     torch_threads: int = 0  # per worker; 0 = Ray's default (one thread per reserved CPU)
     seed: int = 0

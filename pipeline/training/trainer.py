@@ -16,6 +16,7 @@ import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from ..config import to_dict
 from ..data.schema import read_pairs
 from ..utils.progress import tail_training
 from .config import TrainConfig
@@ -50,7 +51,9 @@ def run_training(cfg: TrainConfig, pairs: str | Path, storage: str | Path, name:
         run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=[MetricsTracker(Path(logdir or Path(storage) / name / "tensorboard").resolve())]),
+                             callbacks=[MetricsTracker(Path(logdir or Path(storage) / name / "tensorboard").resolve(),
+                                                       cfg.report_to, run_name=name, mlflow_uri=cfg.mlflow_uri,
+                                                       params=to_dict(cfg), max_steps=cfg.max_steps)]),
         datasets={"train": dataset},
         # every worker sees every pair; the engine's sampler gives each rank its share deterministically
         dataset_config=DataConfig(datasets_to_split=[]),

@@ -111,17 +111,7 @@ def plot_bands(series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequ
         ax.set_xscale("log")
     elif all(float(v).is_integer() for x, *_ in series.values() for v in x):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds and steps: no 1.25
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _finish(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title)
 
 
 #: The training-curve panels: (title, ((metric, label), …)). A panel is drawn when any of its metrics was logged.
@@ -137,6 +127,18 @@ TRAINING_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("gradient norm (before clipping)", (("grad_norm", "grad norm"),)),
 )
 SAFEGUARD_PANEL = "safeguard λ"
+
+
+def _finish(fig, ax, path: str | Path, *, xlabel: str, ylabel: str, title: str = "") -> None:
+    """Labels, grid and legend of a one-panel figure, then write it (atomically) as PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write_bytes(path, _png(fig))
 
 
 def _png(fig, **kw) -> bytes:
@@ -290,11 +292,4 @@ def plot_intervals(labels: Sequence[str], mean: Sequence[float], low: Sequence[f
     ax.set_xticks(x)
     ax.set_xticklabels(list(labels), fontsize=8)
     ax.set_xlim(-0.5, len(x) - 0.5)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write_bytes(path, _png(fig))
+    _finish(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title)
