@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1: ancestral, 0: deterministic)")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--print-config", action="store_true", help="print the resolved options as YAML and exit")
     args = p.parse_args(argv)
     if args.samples_per_prompt < 1 or args.max_prompts < 0:
         p.error("--samples-per-prompt must be >= 1 and --max-prompts >= 0")
@@ -46,9 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from pipeline.cli import print_options_if_asked
     from pipeline.utils.runlock import run_lock
 
     args = parse_args(argv)
+    print_options_if_asked(args)
     with run_lock(args.out):  # one job per output folder; clears killed writes' leftovers
         return _evaluate(args)
 

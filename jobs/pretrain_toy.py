@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed for bit-for-bit reproducibility)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved options as YAML and exit")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
@@ -133,7 +134,11 @@ def pretrain(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    summary = pretrain(parse_args(argv))
+    from pipeline.cli import print_options_if_asked
+
+    args = parse_args(argv)
+    print_options_if_asked(args)
+    summary = pretrain(args)
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -53,3 +53,12 @@ def resolve(args: argparse.Namespace, cls: type[T], *, extra: list[str] = (), da
         raise SystemExit(0)
     return cfg
 
+
+
+def print_options_if_asked(args: argparse.Namespace) -> None:
+    """``--print-config`` for the jobs configured by plain options (toy pretraining and evaluation): print the
+    resolved options as YAML and exit."""
+    if getattr(args, "print_config", False):
+        shown = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "print_config"}
+        print(yaml.safe_dump(shown, sort_keys=False), end="")
+        raise SystemExit(0)
