@@ -1,4 +1,4 @@
-"""Training: the Ray Train loop against a bare torch loop, 2-worker FSDP2 correctness, and a GPU row.
+"""Training: the engine in a Ray Train worker against the same engine in-process, 2-worker FSDP2 correctness, a GPU row.
 
     python bench/training.py                          # (a) + (b) on CPU, (c) only with CUDA; ≈10 min on 2 cores
     python bench/training.py --sections a --rounds 2 --steps 10     # a quick look at (a)
@@ -288,21 +288,21 @@ def _ab_table(res: dict) -> list[str]:
     rows = [
         "| side | median steady pairs/s | steady ratio of medians | median per-round steady ratio | median first-window pairs/s | median end-to-end s | end-to-end time ratio |",
         "|---|---|---|---|---|---|---|",
-        f"| bare torch loop | {m['bare']['pairs_per_s']:.2f} | 1.00 | 1.00 | {m['bare']['first_window']:.2f} | {m['bare']['wall_s']:.1f} | 1.00 |",
-        f"| Ray TorchTrainer loop | {m['ray']['pairs_per_s']:.2f} | **{res['steady_ratio_of_medians']:.2f}** | "
+        f"| the engine in this process (`train_in_process`) | {m['bare']['pairs_per_s']:.2f} | 1.00 | 1.00 | {m['bare']['first_window']:.2f} | {m['bare']['wall_s']:.1f} | 1.00 |",
+        f"| the engine in a Ray Train worker (`run_training`) | {m['ray']['pairs_per_s']:.2f} | **{res['steady_ratio_of_medians']:.2f}** | "
         f"{res['steady_median_round_ratio']:.2f} | {m['ray']['first_window']:.2f} | {m['ray']['wall_s']:.1f} | {res['wall_ratio_of_medians']:.2f} |",
         "",
-        "Per round steady pairs/s (Ray / bare): " + ", ".join(
+        "Per round steady pairs/s (Ray / in-process): " + ", ".join(
             f"{a['pairs_per_s']:.2f} / {b['pairs_per_s']:.2f}" for a, b in zip(res["rounds"]["ray"], res["rounds"]["bare"])),
         "",
-        "Per round end-to-end seconds (Ray / bare): " + ", ".join(
+        "Per round end-to-end seconds (Ray / in-process): " + ", ".join(
             f"{a['wall_s']:.1f} / {b['wall_s']:.1f}" for a, b in zip(res["rounds"]["ray"], res["rounds"]["bare"])),
     ]
     return rows
 
 
 def report(results: dict, argv: list[str]) -> str:
-    lines = ["# Training: Ray Train loop vs a bare torch loop, FSDP2 correctness, GPU", "",
+    lines = ["# Training: the engine in a Ray Train worker vs in-process, FSDP2 correctness, GPU", "",
              f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs while this ran), torch "
              f"{torch.__version__}, Ray {results['ray_version']}. Produced by `python bench/training.py"
              f"{(' ' + ' '.join(argv)) if argv else ''}` in {results['seconds']:.0f} s.", ""]
@@ -317,10 +317,10 @@ def report(results: dict, argv: list[str]) -> str:
                   "metric, reported every `log_every` steps and timed inside the engine from after one report to "
                   "the next: it never includes Ray Train start-up, model loading or the checkpoint writes. Its *first* "
                   "window also holds the Ray Data shard's start-up (the first batch) and the first steps' warm-up, so "
-                  "steady = all windows but the first (pairs over time); the bare loop is timed in the same windows. "
+                  "steady = all windows but the first (pairs over time); the in-process engine is timed in the same windows. "
                   "*End to end* is `run_training`'s wall time — Ray Train controller and worker start-up, gloo process "
                   "group, dataset, model loading in the worker, training, the checkpoints — with `ray.init` already done, "
-                  "against model loading + the loop for the bare side.", ""]
+                  "against model loading + the loop for the in-process side.", ""]
     if "b" in results:
         b = results["b"]
         lines += [f"## (b) FSDP2, 2 workers × batch {b['batch_size'] // 2} (gloo) vs 1 process × batch {b['batch_size']}",
