@@ -147,7 +147,7 @@ def evaluate_policy(cfg: RoundsConfig, weights: str, out: Path) -> dict:
 
 
 def _eval_size(cfg: RoundsConfig) -> str:
-    n = cfg.eval.num_prompts or len(load_prompts(cfg.eval.prompts))
+    n = len(load_prompts(cfg.eval.prompts, limit=cfg.eval.num_prompts))  # a limit above the source's size keeps all
     return f"{n} held-out prompts × {cfg.eval.samples} seeds = {n * cfg.eval.samples} samples"
 
 

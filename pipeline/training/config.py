@@ -2,7 +2,7 @@
 
 β and μ are two leaves of one tree — ``train.objective.beta``, ``train.objective.safeguard.mu`` — and
 :meth:`ObjectiveSpec.build` turns the section into the pure-maths :class:`~pipeline.objectives.ObjectiveConfig`
-(``pipeline/objectives`` knows nothing of configs files). Leaves left ``None`` keep the named method's preset
+(``pipeline/objectives`` knows nothing of config files). Leaves left ``None`` keep the named method's preset
 for the backbone family (``pipeline/objectives/objective.py``: ``PRESETS``, ``FAMILY_OVERRIDES``).
 Checks raise ``ValueError("field=value: expected …")``; :func:`pipeline.config.build` adds the dotted path.
 """
