@@ -129,8 +129,6 @@ def held_out(backbone, b: Budget) -> np.ndarray:
 # difference from another arm (or a fixed baseline) is ``paired_over_seeds`` (seed-averaged per prompt,
 # bootstrap over prompts, ``per_seed`` the spread between seeds), a training-curve number ``t_interval`` over
 # seeds, and a verdict is read off the interval by ``verdict``.
-paired = paired_over_seeds
-over_seeds = t_interval
 
 
 def fmt(m: dict, sign: bool = True) -> str:
@@ -173,16 +171,16 @@ def claim_a(model: str, data: dict, ref: np.ndarray, b: Budget, figs: Path, log)
     dpo = "Diffusion-DPO"
     rows = []
     for name in arms:
-        row = {"arm": name, "winner_ratio": over_seeds(final_ratio[name]), "lambda_mean": float(np.mean(lam[name])),
-               "reward_vs_ref": paired(rewards[name], ref)}
+        row = {"arm": name, "winner_ratio": t_interval(final_ratio[name]), "lambda_mean": float(np.mean(lam[name])),
+               "reward_vs_ref": paired_over_seeds(rewards[name], ref)}
         if name != dpo:
-            row["winner_ratio_vs_dpo"] = over_seeds([x - y for x, y in zip(final_ratio[name], final_ratio[dpo])])
-            row["reward_vs_dpo"] = paired(rewards[name], rewards[dpo])
+            row["winner_ratio_vs_dpo"] = t_interval([x - y for x, y in zip(final_ratio[name], final_ratio[dpo])])
+            row["reward_vs_dpo"] = paired_over_seeds(rewards[name], rewards[dpo])
             row["verdict_winner"] = verdict(row["winner_ratio_vs_dpo"], -1)
             row["verdict_reward"] = verdict(row["reward_vs_dpo"], +1)
         rows.append(row)
     return {"rows": rows, "dpo_winner_climbs": verdict(
-        over_seeds([x - 1.0 for x in final_ratio[dpo]]), +1)}
+        t_interval([x - 1.0 for x in final_ratio[dpo]]), +1)}
 
 
 def claim_b(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dict:
@@ -195,8 +193,8 @@ def claim_b(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dict:
                                   ema_decay=b.ema_decay)
             rewards.setdefault(name, []).append(held_out(policy, b))
             log(f"(b) {name} seed {seed}: reward {rewards[name][-1].mean():.3f}")
-    diff = paired(rewards["DDSPO"], rewards["Diffusion-DPO"])
-    return {"rows": [{"arm": n, "reward_vs_ref": paired(r, ref)} for n, r in rewards.items()],
+    diff = paired_over_seeds(rewards["DDSPO"], rewards["Diffusion-DPO"])
+    return {"rows": [{"arm": n, "reward_vs_ref": paired_over_seeds(r, ref)} for n, r in rewards.items()],
             "ddspo_vs_dpo": diff, "verdict": verdict(diff, +1), "pairs": len(data)}
 
 
@@ -231,10 +229,10 @@ def claim_c_beta(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dic
                                       lr=b.lr, seed=seed, ema_decay=b.ema_decay)
                 raw.setdefault(name, {}).setdefault(beta, []).append(held_out(policy, b))
                 log(f"(c) {name} β={beta:g} seed {seed}: reward {raw[name][beta][-1].mean():.3f}")
-            res.setdefault(name, {})[beta] = paired(raw[name][beta], ref)
+            res.setdefault(name, {})[beta] = paired_over_seeds(raw[name][beta], ref)
     spread = {n: max(res[n][x]["mean"] for x in b.betas) - min(res[n][x]["mean"] for x in b.betas) for n in BETA_ARMS}
     small = min(b.betas)
-    checks = {f"{n} vs Diffusion-DPO at β={small:g}": paired(raw[n][small], raw["diffusion-dpo"][small])
+    checks = {f"{n} vs Diffusion-DPO at β={small:g}": paired_over_seeds(raw[n][small], raw["diffusion-dpo"][small])
               for n in ("sipo", "dpo-cm")}
     return {"by_beta": {n: {f"{x:g}": v for x, v in d.items()} for n, d in res.items()}, "spread": spread,
             "small_beta": {k: {**v, "verdict": verdict(v, +1)} for k, v in checks.items()}}
@@ -259,9 +257,9 @@ def claim_c_rounds(model: str, work: Path, ref: np.ndarray, b: Budget, log) -> d
             save_file(state, weights)
             r = held_out(policy, b)
             rewards.setdefault(name, []).append(r)
-            res.setdefault(name, []).append(paired([r], ref))
+            res.setdefault(name, []).append(paired_over_seeds([r], ref))
             log(f"(c) rounds {name} round {k}: {len(data)} pairs, reward {r.mean():.3f}")
-    last = paired([rewards["SIPO"][-1]], [rewards["Diffusion-DPO"][-1]])
+    last = paired_over_seeds([rewards["SIPO"][-1]], [rewards["Diffusion-DPO"][-1]])
     return {"by_round": res, "sipo_vs_dpo_last": {**last, "verdict": verdict(last, +1)}}
 
 

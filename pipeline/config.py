@@ -226,20 +226,6 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tup
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def replace_at(cfg: T, updates: Mapping[str, Any]) -> T:
-    """A copy of ``cfg`` with dotted leaves replaced (``{"train.objective.beta": 5000}``), rebuilt and checked."""
-    data = to_dict(cfg)
-    for key, value in updates.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
-    return build(type(cfg), data)
-
-
 def sections(obj: Any, **classes: type) -> None:
     """In a (frozen) dataclass's ``__post_init__``: build the named fields from mappings (or a section's name)
     when a caller passed plain values (``TrainConfig(objective={"name": "ddspo"})``, ``objective="ddspo"``), so

@@ -27,11 +27,11 @@ def test_paired_difference_averages_seeds_per_prompt():
     rng = np.random.default_rng(0)
     base = rng.uniform(0, 1, size=(40, 2))
     better = [base + 0.05, base + 0.07]
-    d = claims.paired(better, base)
+    d = claims.paired_over_seeds(better, base)
     assert d["mean"] == pytest.approx(0.06)
     assert d["per_seed"] == pytest.approx([0.05, 0.07])
     assert d["ci_low"] == pytest.approx(0.06) and d["ci_high"] == pytest.approx(0.06)  # no noise left after pairing
-    s = claims.over_seeds([1.0, 2.0, 3.0])
+    s = claims.t_interval([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["ci_low"] < 1.0 and s["ci_high"] > 3.0  # t interval with 2 dof is wide
 
 

@@ -230,10 +230,13 @@ class TrainEngine:
         return {**mean, "grad_norm": grad_norm, "lr": lr, "step": self.step}
 
     # ------------------------------------------------------------------ the loop
+    def _new_sampler(self, data: PairData) -> PairSampler:
+        return PairSampler(len(data), self.cfg.batch_size, self.cfg.seed, rank=self.rank, world=self.world)
+
     def batches(self, data: PairData) -> Iterator[list[PairBatch]]:
         """The micro-batches of each optimizer step, from the engine's resumable sampler."""
         if self.sampler is None:
-            self.sampler = PairSampler(len(data), self.cfg.batch_size, self.cfg.seed, rank=self.rank, world=self.world)
+            self.sampler = self._new_sampler(data)
         while True:
             yield [data.batch(self.sampler.next_indices()) for _ in range(self.cfg.grad_accum)]
 
@@ -293,7 +296,7 @@ class TrainEngine:
         if state.get("torch_rng") is not None:
             torch.set_rng_state(state["torch_rng"])
         if state.get("sampler") is not None and data is not None:
-            self.sampler = PairSampler(len(data), self.cfg.batch_size, self.cfg.seed, rank=self.rank, world=self.world)
+            self.sampler = self._new_sampler(data)
             self.sampler.load_state_dict(state["sampler"])
 
     def policy_weights(self) -> dict[str, torch.Tensor]:

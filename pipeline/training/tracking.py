@@ -61,7 +61,7 @@ class MetricsTracker(UserCallback):
         self.mlflow_uri = mlflow_uri or Path(logdir, "mlruns").resolve().as_uri()
         self.params, self.max_steps = dict(params or {}), max_steps
         self._tb = None
-        self._mlflow_run = None
+        self._mlflow = self._mlflow_run = None  # the client, and the run it writes to
         self._wandb = None
 
     def _open(self) -> None:
@@ -75,7 +75,7 @@ class MetricsTracker(UserCallback):
 
             if self.mlflow_uri.startswith("file:"):  # MLflow 3 keeps the file store in maintenance mode, behind a switch
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            client = MlflowClient(self.mlflow_uri)
+            self._mlflow = client = MlflowClient(self.mlflow_uri)
             experiment = client.get_experiment_by_name(self.run_name)
             experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.run_name)
             self._mlflow_run = client.create_run(experiment_id, run_name=self.run_name).info.run_id
@@ -100,9 +100,8 @@ class MetricsTracker(UserCallback):
             self._tb.flush()
         if self._mlflow_run is not None:
             from mlflow.entities import Metric
-            from mlflow.tracking import MlflowClient
 
-            client = MlflowClient(self.mlflow_uri)
+            client = self._mlflow
             now = int(time.time() * 1000)
             client.log_batch(self._mlflow_run, metrics=[Metric(f"train/{k}", v, now, step) for k, v in values.items()
                                                         if k != "step" and math.isfinite(v)])

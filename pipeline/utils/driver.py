@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import time
 import warnings
 
 #: Environment variables that keep the libraries off the network. ``HF_HUB_OFFLINE`` covers huggingface_hub
@@ -181,14 +180,21 @@ def quiet_console() -> None:
 
 
 class ElapsedLog:
-    """``log(msg)`` prints ``[    42s] msg``; ``log.seconds`` is the time since it was made."""
+    """``log(msg)`` prints ``[    42s] msg``; ``log.seconds`` is the time since it was made. It restarts the one
+    clock the progress lines count from (``pipeline/utils/progress.py``), so every line of a job agrees."""
 
     def __init__(self) -> None:
-        self.t0 = time.time()
+        from .progress import reset_clock
+
+        reset_clock()
 
     @property
     def seconds(self) -> float:
-        return time.time() - self.t0
+        from .progress import elapsed
+
+        return elapsed()
 
     def __call__(self, msg: str) -> None:
-        print(f"[{self.seconds:6.0f}s] {msg}", flush=True)
+        from .progress import emit
+
+        emit(msg)
