@@ -35,7 +35,7 @@ from pipeline.backbones.unet import UNetBackbone  # noqa: E402
 from pipeline.objectives import DiffusionProcess  # noqa: E402
 from pipeline.toyworld import corrupt_spec, render_batch, to_tensor, train_specs  # noqa: E402
 from pipeline.toyworld.reference import (  # noqa: E402
-    IMAGE_SIZE, REFERENCE_DIR, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
+    IMAGE_SIZE, PREDICTION_TYPES, REFERENCE_DIR, build_scheduler, build_text_encoder, build_tokenizer, build_unet,
 )
 from pipeline.utils.atomic import atomic_directory  # noqa: E402
 from pipeline.utils.plots import plot_curves  # noqa: E402
@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--corrupt-prob", type=float, default=0.2, help="per-attribute caption corruption probability")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="probability of an empty caption (for CFG)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=PREDICTION_TYPES[0],
+                   help="v_prediction on zero-terminal-SNR betas (default) or the first reference's epsilon")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (fixed for bit-for-bit reproducibility)")
     p.add_argument("--print-config", action="store_true", help="print the resolved options as YAML and exit")
@@ -82,7 +84,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(args.seed)
     tokenizer = build_tokenizer()
-    text_encoder, unet, scheduler = build_text_encoder(len(tokenizer)), build_unet(), build_scheduler()
+    text_encoder, unet, scheduler = build_text_encoder(len(tokenizer)), build_unet(), build_scheduler(args.prediction_type)
     process = DiffusionProcess.from_scheduler(scheduler)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)

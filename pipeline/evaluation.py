@@ -5,6 +5,9 @@ Images of one prompt are correlated, so confidence intervals come from a bootstr
 (resample prompts with replacement, recompute the mean), not over images. Seeds are a fixed function of
 (prompt index, sample index), so two models evaluated on the same prompts see the same initial noise —
 paired comparisons (win rate against the reference) are then meaningful.
+
+Every evaluation also reports reward-free drift statistics of its images (:mod:`.drift`: background
+brightness, colour entropy, seed diversity), the raw material for spotting a policy that games the reward.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .backbones.base import Backbone
+from .drift import LABELS as DRIFT_LABELS, drift_statistics
 from .reporting import fmt_ci
 from .rewards.base import RewardModel
 from .sampling import SamplerConfig, SampleOutput, sample
@@ -55,9 +59,13 @@ class EvalResult:
     best_of_k_reward: Metric  # mean over prompts of the best sample's reward
     best_of_k_overall: Metric | None
     rewards: np.ndarray = field(repr=False)  # (prompts, samples)
+    drift: dict[str, Metric] = field(default_factory=dict)  # reward-free image statistics (.drift), any reward
 
     def to_dict(self) -> dict:
+        """The eval.json schema: every metric as ``{"mean", "ci_low", "ci_high"}`` (``drift`` a dict of them,
+        absent from files written before it existed: read it as ``d.get("drift") or {}``), ``rewards`` last."""
         d = asdict(self)
+        del d["rewards"]
         d["rewards"] = self.rewards.round(4).tolist()
         return d
 
@@ -69,6 +77,7 @@ class EvalResult:
             f"| {name} | best-of-{self.samples_per_prompt} reward | {self.best_of_k_reward} |",
             *([f"| {name} | best-of-{self.samples_per_prompt} overall | {self.best_of_k_overall} |"]
               if self.best_of_k_overall else []),
+            *(f"| {name} | drift: {DRIFT_LABELS.get(s, s)} | {m} |" for s, m in self.drift.items()),
         ]
         return "| model | metric | mean [95% CI over prompts] |\n|---|---|---|\n" + "\n".join(rows)
 
@@ -76,14 +85,15 @@ class EvalResult:
 def score_samples(prompts: Sequence[PromptSpec | str], out: SampleOutput, per_prompt: int,
                   reward: RewardModel | None = None) -> EvalResult:
     """Score ``per_prompt`` samples of each prompt: with the toy detector (``reward=None``: reward, overall
-    and per-attribute) or with a reward model (reward only)."""
+    and per-attribute) or with a reward model (reward only); the drift statistics either way."""
     texts = [p.text if isinstance(p, PromptSpec) else p for p in prompts for _ in range(per_prompt)]
     shape = (len(prompts), per_prompt)
+    drift = {s: Metric.of(v) for s, v in drift_statistics(out.images, per_prompt).items()}
     if reward is not None:
         values = np.asarray(reward(out.images, texts), dtype=float).reshape(shape)
         return EvalResult(num_prompts=len(prompts), samples_per_prompt=per_prompt, reward=Metric.of(values),
                           overall=None, attributes={}, best_of_k_reward=Metric.of(values.max(1)),
-                          best_of_k_overall=None, rewards=values)
+                          best_of_k_overall=None, rewards=values, drift=drift)
     res = score(out.images, texts)
     reward_ = np.asarray(res.reward, dtype=float).reshape(shape)
     overall = np.asarray(res.overall, dtype=float).reshape(shape)
@@ -94,7 +104,7 @@ def score_samples(prompts: Sequence[PromptSpec | str], out: SampleOutput, per_pr
         attributes={a: Metric.of(np.asarray(getattr(res, a), dtype=float).reshape(shape)) for a in ATTRIBUTES},
         best_of_k_reward=Metric.of(reward_.max(1)),
         best_of_k_overall=Metric.of(overall[np.arange(len(prompts)), best]),
-        rewards=reward_,
+        rewards=reward_, drift=drift,
     )
 
 

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from .backbones import load_backbone
-from .training.worker import EMA_FILE, HISTORY_FILE, WEIGHTS_FILE
+from .training.worker import EMA_FILE, HISTORY_FILE, STATE_FILE, WEIGHTS_FILE
 from .utils.atomic import COMPLETE_MARKER, atomic_directory
 
 
@@ -62,6 +62,18 @@ def policy_from_checkpoint(checkpoint_dir: str | Path, dest: str | Path) -> Path
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return dest
+
+
+def optimizer_from_checkpoint(checkpoint_dir: str | Path, dest: str | Path) -> Path:
+    """Write ``dest`` (atomically): the checkpoint's full optimizer state, a next round's ``init_optimizer``."""
+    import torch
+
+    state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    torch.save(state["optimizer"], tmp)
+    os.replace(tmp, dest)
     return dest
 
 

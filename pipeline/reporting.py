@@ -21,9 +21,11 @@ def _missing(v) -> bool:
 
 
 def fmt_num(v, *, digits: int = 3, signed: bool = False) -> str:
-    """``0.358`` (``+0.109`` signed); ``–`` for None or NaN."""
+    """``0.358`` (``+0.109`` signed); a count as itself (``724``); ``–`` for None or NaN."""
     if _missing(v):
         return MISSING
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:{'+' if signed else ''}d}"
     return f"{float(v):{'+' if signed else ''}.{digits}f}"
 
 

@@ -2,8 +2,11 @@
 
 Round k samples on-policy pairs from the current policy (the reference for k = 0), trains it with Ray
 Train, and evaluates the new policy on held-out prompts with the same fixed seeds as the reference, so
-the per-round table can report a paired win rate. The reference is fixed, or refreshed to the
-previous round's policy (``reference="refresh"``).
+the per-round table can report a paired win rate. What carries from round to round is configurable
+(docs/rounds.md gives each switch's measured effect): the reference (``reference``: fixed, refreshed
+every k rounds, or an EMA of the policies), the optimizer state (``carry_optimizer``), the learning rate
+(``lr_decay``), earlier rounds' pairs (``replay``); the objective's ``anchor`` bounds the drift from the
+reference.
 
 Run directory::
 
@@ -39,7 +42,7 @@ from .data.generate import GenerationConfig, generate
 from .data.prompts import load_prompts
 from .evaluation import SAMPLES_FILE, evaluate, write_paired_grid
 from .rewards import build_reward
-from .export import checkpoint_history, export_model, policy_from_checkpoint
+from .export import checkpoint_history, export_model, optimizer_from_checkpoint, policy_from_checkpoint
 from .sampling import SamplerConfig
 from .toyworld.reference import REFERENCE_DIR
 from .training.config import TrainConfig
@@ -51,6 +54,14 @@ from .utils.plots import plot_intervals, plot_training_curves
 from .utils.run_record import guard_run_dir
 
 POLICY_FILE = "policy.safetensors"
+DRIFT_LEGEND = {
+    "background_brightness": "mean luminance of the background pixels (pipeline/drift.py); rising = the policy "
+                             "paints the background",
+    "colour_entropy": "entropy (bits) of the hue histogram of coloured pixels; falling = fewer colours drawn",
+    "seed_diversity": "mean distance between the samples of one prompt; falling = mode collapse",
+}
+OPTIMIZER_FILE = "optimizer.pt"  # the round's final AdamW state (carry_optimizer)
+REFERENCE_FILE = "reference.safetensors"  # the round's reference weights (reference.name = "ema")
 #: fields a rerun into the same run directory may change: run more rounds, or the same work on other resources
 RESUMABLE = ("rounds", "train.num_workers", "train.use_gpu", "train.torch_threads", "train.log_every",
              "train.report_to", "train.mlflow_uri")
@@ -75,6 +86,42 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ReferenceSchedule:
+    """Which model each round's preference reference is: the starting model (``fixed``), the latest policy
+    every ``every`` rounds (``refresh``), or an exponential moving average of the policies (``ema``:
+    reference_k = decay·reference_(k−1) + (1 − decay)·policy_(k−1), reference_0 = the starting model)."""
+
+    name: Literal["fixed", "refresh", "ema"] = "fixed"
+    every: int = 1  # refresh: rounds between refreshes
+    decay: float = 0.5  # ema: weight of the previous reference
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"every={self.every}: expected >= 1")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"decay={self.decay}: expected a value in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Which checkpoint becomes the round's policy: the ``last``, or the one with the best mean reward on a
+    ``validation`` split of training-distribution prompts (never the held-out test prompts; for the toy world
+    ``toy:val``, and rollouts then use ``toy:fit``), ``samples`` seeds each, with the rollouts' sampler."""
+
+    name: Literal["last", "validation"] = "last"
+    prompts: str = "toy:val"
+    num_prompts: int = 0  # 0 = all
+    samples: int = 2
+    include_start: bool = True  # the round's starting policy competes too: a round never validates worse
+
+    def __post_init__(self):
+        if self.num_prompts < 0:
+            raise ValueError(f"num_prompts={self.num_prompts}: expected >= 0 (0 = all)")
+        if self.samples < 1:
+            raise ValueError(f"samples={self.samples}: expected >= 1")
+
+
+@dataclass(frozen=True)
 class RoundsConfig:
     """The online rounds job's config tree: ``generation`` (→ ``sampler``), ``train`` (→ ``objective`` →
     ``safeguard``), ``eval`` (→ ``sampler``). ``model`` is the starting model for all three (their own
@@ -82,18 +129,33 @@ class RoundsConfig:
 
     model: str = str(REFERENCE_DIR)
     rounds: int = 3
-    reference: Literal["fixed", "refresh"] = "fixed"
+    reference: ReferenceSchedule = field(default_factory=ReferenceSchedule)
+    carry_optimizer: bool = False  # round k's AdamW starts from round k−1's moments (else a fresh optimizer)
+    lr_decay: float = 1.0  # round k trains with train.lr × lr_decay^k
+    replay: int = 0  # how many earlier rounds' pairs join each round's training data (off-policy; SIPO's weights)
+    select: SelectConfig = field(default_factory=SelectConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        sections(self, generation=GenerationConfig, train=TrainConfig, eval=EvalConfig)
+        sections(self, reference=ReferenceSchedule, select=SelectConfig, generation=GenerationConfig, train=TrainConfig,
+                 eval=EvalConfig)
         if self.rounds < 1:
             raise ValueError(f"rounds={self.rounds}: expected >= 1")
-        if self.reference == "refresh" and self.lora_rank:
-            raise ValueError("reference='refresh' with train.lora_rank > 0: the LoRA reference is the base model "
-                             "(adapters off); use reference='fixed' or full fine-tuning")
+        if not self.lr_decay > 0:
+            raise ValueError(f"lr_decay={self.lr_decay}: expected > 0")
+        if self.replay < 0:
+            raise ValueError(f"replay={self.replay}: expected >= 0 (0 = only the round's own pairs)")
+        if self.select.name == "validation":
+            overlap = {r["prompt"] for r in load_prompts(self.select.prompts, limit=self.select.num_prompts)} & {
+                r["prompt"] for r in load_prompts(self.eval.prompts, limit=self.eval.num_prompts)}
+            if overlap:
+                raise ValueError(f"select.prompts={self.select.prompts!r} shares {len(overlap)} prompt(s) with "
+                                 f"eval.prompts={self.eval.prompts!r}: checkpoints are never chosen on test prompts")
+        if self.reference.name != "fixed" and self.lora_rank:
+            raise ValueError(f"reference={self.reference.name!r} with train.lora_rank > 0: the LoRA reference is the "
+                             "base model (adapters off); use reference='fixed' or full fine-tuning")
         # the starting model is one leaf: the sections' own ``model`` fields follow it (so --print-config and
         # run_config.json show what runs)
         object.__setattr__(self, "generation", replace(self.generation, model=self.model))
@@ -108,8 +170,9 @@ class RoundsConfig:
     def lora_rank(self) -> int:
         return self.train.lora_rank
 
-    def train_config(self, init: str, reference: str) -> TrainConfig:
-        return replace(self.train, model=self.model, init_weights=init, reference_weights=reference)
+    def train_config(self, k: int, init: str, reference: str, optimizer: str = "") -> TrainConfig:
+        return replace(self.train, model=self.model, init_weights=init, reference_weights=reference,
+                       init_optimizer=optimizer, lr=self.train.lr * self.lr_decay**k)
 
 
 def _eval_reward(cfg: RoundsConfig):
@@ -129,6 +192,55 @@ def _evaluate_here(cfg: RoundsConfig, weights: str) -> tuple[dict, dict[str, byt
                              sampler=cfg.eval.sampler, grid_path=Path(d) / "grid.png",
                              samples_path=Path(d) / SAMPLES_FILE, progress=False, reward=_eval_reward(cfg))
         return result.to_dict(), {f.name: f.read_bytes() for f in Path(d).iterdir() if f.is_file()}
+
+
+def _validation_reward(cfg: RoundsConfig, weights: list[str]) -> list[float]:
+    """Mean reward of each candidate policy ("" = the starting model) on the validation prompts, the same
+    seeds for all candidates, sampled with the rollouts' sampler (the choice needs a ranking, not a report)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts = [r["prompt"] for r in load_prompts(cfg.select.prompts, limit=cfg.select.num_prompts)]
+    means = []
+    for w in weights:
+        backbone = load_backbone(cfg.model, device=device, weights=w, lora_rank=cfg.lora_rank if w else 0)
+        result, _ = evaluate(backbone, prompts, samples_per_prompt=cfg.select.samples,
+                             sampler=cfg.generation.sampler, progress=False, reward=_eval_reward(cfg))
+        means.append(float(result.reward.mean))
+    return means
+
+
+def select_policy(cfg: RoundsConfig, result, start: str, work: Path, log) -> tuple[str, dict]:
+    """The weights file that becomes the round's policy, and a record of the choice: the last checkpoint, or
+    the best on the validation prompts (``cfg.select``) among the kept checkpoints and — with
+    ``select.include_start`` — the round's starting policy (``start``; "" = the starting model), so that a round
+    whose every checkpoint validates worse than where it started keeps its start instead of regressing."""
+    kept = sorted(result.best_checkpoints, key=lambda cm: cm[1].get("step", 0))
+    if cfg.select.name == "last":
+        with result.checkpoint.as_directory() as d:
+            path = policy_from_checkpoint(d, work / "candidates" / "last.safetensors")
+        return str(path), {"selected_step": kept[-1][1].get("step") if kept else None}
+    paths, steps = [], []
+    if cfg.select.include_start:
+        paths.append(start)
+        steps.append(0)
+    for ckpt, metrics in kept:
+        with ckpt.as_directory() as d:
+            paths.append(str(policy_from_checkpoint(d, work / "candidates" / f"step_{metrics['step']}.safetensors")))
+        steps.append(metrics["step"])
+    t0 = time.time()
+    rewards = _validation_reward(cfg, paths)
+    best = int(np.argmax(rewards))
+    log(f"select · validation reward per checkpoint: " + ", ".join(f"step {s} {r:.3f}" for s, r in zip(steps, rewards))
+        + f" · step {steps[best]} chosen in {time.time() - t0:.0f}s")
+    chosen = paths[best]
+    if not chosen:  # the starting model itself: its denoiser's weights as a policy file
+        from safetensors.torch import save_file
+
+        chosen = str(work / "candidates" / "start.safetensors")
+        start_model = load_backbone(cfg.model, lora_rank=cfg.lora_rank)  # LoRA: zero-initialised adapters
+        save_file({n: t.contiguous() for n, t in start_model.denoiser.state_dict().items()}, chosen)
+    return chosen, {"selected_step": steps[best], "validation": [{"step": s, "reward": r} for s, r in zip(steps, rewards)]}
 
 
 def evaluate_policy(cfg: RoundsConfig, weights: str, out: Path) -> dict:
@@ -168,8 +280,8 @@ def run_rounds(cfg: RoundsConfig, run_dir: str | Path, *, log=print) -> list[dic
             report = evaluate_policy(cfg, "", tmp)
             log(f"reference · evaluate · done in {time.time() - t0:.0f}s · reward {fmt_ci(report['reward'])}")
     ref_eval = load_eval(ref_dir)
-    rows = [_summary_row("reference", ref_eval, ref_eval, {})]
-    policy = ""
+    rows = [_summary_row("reference", ref_eval, ref_eval, ref_eval, {}, {})]
+    policy, previous = "", ref_eval
     for k in range(cfg.rounds):
         final = run_dir / f"round_{k}"
         if is_complete(final):
@@ -177,24 +289,62 @@ def run_rounds(cfg: RoundsConfig, run_dir: str | Path, *, log=print) -> list[dic
         else:
             _run_round(cfg, k, policy, run_dir, log)
         policy = str(final / POLICY_FILE)
-        rows.append(_summary_row(f"round {k}", load_eval(final), ref_eval,
-                                 json.loads((final / "train_metrics.json").read_text())))
+        current = load_eval(final)
+        rows.append(_summary_row(f"round {k}", current, ref_eval, previous,
+                                 json.loads((final / "train_metrics.json").read_text()),
+                                 json.loads((final / "pairs_manifest.json").read_text())))
+        previous = current
+        for warning in hacking_warnings(rows):
+            log(f"warning · {warning}")
         _write_summary(run_dir, rows)
     export_model(cfg.model, policy, run_dir / "final_model", lora_rank=cfg.lora_rank)
     return rows
+
+
+def reference_for_round(cfg: RoundsConfig, k: int, run_dir: Path, work: Path) -> str:
+    """The reference weights of round k ("" = the starting model's own), per ``cfg.reference``; the EMA
+    schedule writes its average to ``work/reference.safetensors`` (published with the round, the next
+    round's starting point)."""
+    sched = cfg.reference
+    if k == 0 or sched.name == "fixed":
+        return ""
+    if sched.name == "refresh":
+        last = (k // sched.every) * sched.every - 1  # the policy of the last refresh point
+        return str(run_dir / f"round_{last}" / POLICY_FILE) if last >= 0 else ""
+    from safetensors.torch import load_file, save_file
+
+    out = work / REFERENCE_FILE
+    if not out.exists():
+        previous = run_dir / f"round_{k - 1}" / REFERENCE_FILE
+        ref = (load_file(str(previous)) if previous.exists()
+               else {n: t.detach().clone() for n, t in load_backbone(cfg.model).denoiser.state_dict().items()})
+        policy = load_file(str(run_dir / f"round_{k - 1}" / POLICY_FILE))
+        avg = {n: (sched.decay * ref[n].double() + (1 - sched.decay) * policy[n].double()).to(policy[n].dtype)
+               if policy[n].is_floating_point() else policy[n] for n in policy}
+        save_file(avg, str(work / f".{REFERENCE_FILE}.tmp"))
+        (work / f".{REFERENCE_FILE}.tmp").replace(out)
+    return str(out)
 
 
 def _run_round(cfg: RoundsConfig, k: int, policy: str, run_dir: Path, log) -> None:
     work = run_dir / f".round_{k}.work"
     work.mkdir(exist_ok=True)
     manifest = generate(cfg.generation_config(k, policy), work / "pairs")
-    reference = policy if cfg.reference == "refresh" else ""
-    log(f"round {k}: training on {manifest['num_pairs']} pairs")
-    result = run_training(cfg.train_config(policy, reference), work / "pairs" / "pairs", work / "ray", "train",
-                          logdir=run_dir / "tensorboard" / f"round_{k}")
+    reference = reference_for_round(cfg, k, run_dir, work)
+    optimizer = str(run_dir / f"round_{k - 1}" / OPTIMIZER_FILE) if cfg.carry_optimizer and k else ""
+    pairs = [work / "pairs" / "pairs"] + [run_dir / f"round_{j}" / "pairs" / "pairs"
+                                          for j in range(max(0, k - cfg.replay), k)]
+    replayed = f" + {len(pairs) - 1} earlier round(s)' pairs" if len(pairs) > 1 else ""
+    log(f"round {k}: training on {manifest['num_pairs']} pairs{replayed}")
+    result = run_training(cfg.train_config(k, policy, reference, optimizer), pairs, work / "ray", "train",
+                          logdir=run_dir / "tensorboard" / f"round_{k}",
+                          keep_checkpoints=None if cfg.select.name == "validation" else 2)
     with result.checkpoint.as_directory() as d:
-        policy_from_checkpoint(d, work / POLICY_FILE)
-        history = checkpoint_history(d)
+        history = checkpoint_history(d)  # the last checkpoint's: every report of the run
+        if cfg.carry_optimizer:
+            optimizer_from_checkpoint(d, work / OPTIMIZER_FILE)
+    chosen, selection = select_policy(cfg, result, policy, work, log)
+    shutil.copy(chosen, work / POLICY_FILE)
     log(f"round {k} · evaluate · {_eval_size(cfg)}")
     t0 = time.time()
     with atomic_directory(run_dir / f"round_{k}", marker=True) as tmp:
@@ -202,27 +352,70 @@ def _run_round(cfg: RoundsConfig, k: int, policy: str, run_dir: Path, log) -> No
         log(f"round {k} · evaluate · done in {time.time() - t0:.0f}s · reward {fmt_ci(report['reward'])}")
         shutil.copy(work / POLICY_FILE, tmp / POLICY_FILE)
         shutil.copy(work / "pairs" / "manifest.json", tmp / "pairs_manifest.json")
-        (tmp / "train_metrics.json").write_text(json.dumps({"last": result.metrics, "history": history}, indent=1))
+        for name in (OPTIMIZER_FILE, REFERENCE_FILE):  # the next round's starting points, when the config uses them
+            if (work / name).exists():
+                shutil.copy(work / name, tmp / name)
+        if cfg.replay:  # later rounds train on these pairs again
+            shutil.copytree(work / "pairs", tmp / "pairs")
+        (tmp / "train_metrics.json").write_text(json.dumps({"last": result.metrics, "history": history,
+                                                            "selection": selection}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _summary_row(name: str, ev: dict, ref: dict, train: dict) -> dict:
+def _summary_row(name: str, ev: dict, ref: dict, prev: dict, train: dict, pairs: dict) -> dict:
     """One row of the per-round table: the evaluation's own metrics (reward, and whatever per-attribute
-    scores the reward gave — none for a plain reward model), the paired comparison with the reference, and
-    the last training report."""
+    scores the reward gave — none for a plain reward model), the paired comparisons with the reference and
+    with the previous round, the drift statistics, the round's pairs (count, reward gap, the rollouts' mean
+    reward on the training prompts) and the last training report."""
     last = train.get("last", {})
     policy, reference = np.asarray(ev["rewards"], dtype=np.float64), np.asarray(ref["rewards"], dtype=np.float64)
+    before = np.asarray(prev["rewards"], dtype=np.float64)
     return {
         "round": name,
         "num_prompts": ev.get("num_prompts"), "samples_per_prompt": ev.get("samples_per_prompt"),
         "reward": ev["reward"], "overall": ev.get("overall"), "attributes": dict(ev.get("attributes") or {}),
+        "drift": dict(ev.get("drift") or {}),
         "win_rate_vs_ref": win_rate(policy, reference), "win_rate_ci": win_rate_ci(policy, reference),
         "delta_vs_ref": paired_delta(policy, reference),
+        "delta_vs_prev": None if name == "reference" else paired_delta(policy, before),
+        "num_pairs": pairs.get("num_pairs"), "pair_reward_gap": pairs.get("mean_reward_gap"),
+        "rollout_reward": pairs.get("mean_prompt_reward"),
         "loss": last.get("loss"), "implicit_acc": last.get("implicit_acc"), "lambda": last.get("lambda_mean"),
         "lambda_active_frac": last.get("lambda_active_frac"),
         "iw_mean": last.get("iw_mean"), "masked_frac": last.get("masked_frac"),
         "history": train.get("history", []),
     }
+
+
+#: the reward-hacking guard's thresholds (docs/rounds.md): a drop in the gold metric (all attributes right) while
+#: the trained-for reward rises; a background this much brighter than the reference's; seed diversity below
+#: this share of the reference's
+GOLD_DROP, BRIGHTNESS_RISE, DIVERSITY_SHARE = 0.0, 0.10, 0.5
+
+
+def hacking_warnings(rows: list[dict]) -> list[str]:
+    """Signs that the last round gamed the reward rather than aligned the model: the reward it was trained on
+    rose while the gold metric (GenEval-strict on held-out prompts, not trained on) fell, or the drift
+    statistics left the reference's range (a brighter background, samples of one prompt collapsing)."""
+    if len(rows) < 2:
+        return []
+    ref, prev, last = rows[0], rows[-2], rows[-1]
+    name, out = last["round"], []
+    gold = (last.get("overall") or {}).get("mean"), (prev.get("overall") or {}).get("mean")
+    rise = (last.get("delta_vs_prev") or {}).get("mean")
+    if None not in gold and rise is not None and rise > 0 and gold[0] < gold[1] - GOLD_DROP:
+        out.append(f"{name}: the trained reward rose ({rise:+.3f} vs the previous round) while the gold metric "
+                   f"(all attributes right, held out) fell {gold[1]:.3f} → {gold[0]:.3f}")
+    drift, base = last.get("drift") or {}, ref.get("drift") or {}
+    if "background_brightness" in drift and "background_brightness" in base:
+        b, b0 = drift["background_brightness"]["mean"], base["background_brightness"]["mean"]
+        if b > b0 + BRIGHTNESS_RISE:
+            out.append(f"{name}: background brightness {b:.3f} vs the reference's {b0:.3f}")
+    if "seed_diversity" in drift and "seed_diversity" in base:
+        d, d0 = drift["seed_diversity"]["mean"], base["seed_diversity"]["mean"]
+        if d0 > 0 and d < DIVERSITY_SHARE * d0:
+            out.append(f"{name}: diversity across seeds {d:.3f}, below {DIVERSITY_SHARE:.0%} of the reference's {d0:.3f}")
+    return out
 
 
 def _write_summary(run_dir: Path, rows: list[dict]) -> None:
@@ -251,17 +444,27 @@ def _write_summary(run_dir: Path, rows: list[dict]) -> None:
     shown = [c for c in train_cols if any(r.get(c[0]) is not None for r in trained)]
     if all(r.get("lambda") in (None, 1.0) for r in trained):  # safeguard off: λ ≡ 1 says nothing
         shown = [c for c in shown if c[0] not in ("lambda", "lambda_active_frac")]
-    columns = ["round", "reward [95% CI]", "Δ vs ref, paired [95% CI]", "win vs ref [95% CI]"]
-    columns += ["all attributes"] * toy + attributes + [h for _, h, _ in shown]
+    columns = ["round", "reward [95% CI]", "Δ vs ref, paired [95% CI]", "Δ vs previous, paired", "win vs ref [95% CI]"]
+    columns += ["all attributes"] * toy + attributes
     table_rows = []
     for i, r in enumerate(rows):
         cells = [r["round"], fmt_ci(r["reward"]),
                  "–" if i == 0 else fmt_ci(r["delta_vs_ref"], signed=True),
+                 "–" if i == 0 else fmt_ci(r.get("delta_vs_prev"), signed=True),
                  "–" if i == 0 else fmt_ci(r.get("win_rate_ci") or {"mean": r["win_rate_vs_ref"]})]
         cells += [fmt_num((r.get("overall") or {}).get("mean"))] * toy
         cells += [fmt_num(((r.get("attributes") or {}).get(a) or {}).get("mean")) for a in attributes]
-        cells += [fmt_num(r.get(k)) for k, _, _ in shown]
         table_rows.append(cells)
+    # the second table: the round's data, its training, and the drift statistics (the reward-hacking guard)
+    drifts = list(dict.fromkeys(d for r in rows for d in (r.get("drift") or {})))
+    data_cols = [("num_pairs", "pairs", "pairs the round trained on (its own, before replay)"),
+                 ("pair_reward_gap", "reward gap", "mean reward gap winner − loser of the round's pairs"),
+                 ("rollout_reward", "rollout reward", "mean reward of the round's rollouts on the training prompts "
+                                                      "(the previous policy's, on-policy)")]
+    data_cols = [c for c in data_cols if any(r.get(c[0]) is not None for r in trained)]
+    columns2 = ["round"] + [h for _, h, _ in data_cols] + [h for _, h, _ in shown] + [d.replace("_", " ") for d in drifts]
+    table2_rows = [[r["round"]] + [fmt_num(r.get(k)) for k, _, _ in data_cols] + [fmt_num(r.get(k)) for k, _, _ in shown]
+                   + [fmt_num(((r.get("drift") or {}).get(d) or {}).get("mean")) for d in drifts] for r in rows]
 
     n_prompts, n_seeds = ref.get("num_prompts"), ref.get("samples_per_prompt")
     model = config.get("model")
@@ -287,9 +490,15 @@ def _write_summary(run_dir: Path, rows: list[dict]) -> None:
         entries["all attributes"] = "share of samples with every attribute right (GenEval-strict)"
     for a in attributes:
         entries[a] = f"share of samples with the {a} right" if toy else f"the evaluation's {a!r} score"
+    entries["Δ vs previous, paired"] = "the same paired Δ against the previous round (the reference for round 0)"
+    entries.update({h: text for _, h, text in data_cols})
     entries.update({h: text for _, h, text in shown})
-    table = markdown_table(columns, table_rows)
-    text = "\n".join(head + [table, "", "Columns:", "", legend(entries), ""])
+    entries.update({d.replace("_", " "): DRIFT_LEGEND.get(d, d) for d in drifts})
+    table = markdown_table(columns, table_rows) + "\n\n" + markdown_table(columns2, table2_rows)
+    warnings = [w for i in range(2, len(rows) + 1) for w in hacking_warnings(rows[:i])]
+    guard = (["Reward-hacking guard:", "", *(f"- {w}" for w in warnings), ""] if warnings
+             else ["Reward-hacking guard: no warning (docs/rounds.md).", ""])
+    text = "\n".join(head + [table, "", *guard, "Columns:", "", legend(entries), ""])
     atomic_write_bytes(run_dir / "summary.md", text.encode())
     atomic_write_bytes(run_dir / "summary.json", json.dumps(rows, indent=1, default=str).encode())
 

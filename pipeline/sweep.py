@@ -180,7 +180,7 @@ def sweep_trial(values: dict, *, sweep: dict, pairs: str, out: str, threads: int
         with checkpoint.as_directory() as d:
             start = json.loads((Path(d) / "segment.json").read_text())["segment"]
     steps = cfg.step_size
-    base_train = rcfg.train_config("", "")
+    base_train = rcfg.train_config(0, "", "")
     if not base_train.use_gpu and "torch_threads" not in cfg.trial.get("train", {}):
         # the tuned run's thread count is for its own machine; trials share it (CPUs / concurrent trials)
         base_train = replace(base_train, torch_threads=threads)
@@ -363,7 +363,7 @@ def _write_outputs(cfg: SweepConfig, out: Path, rows: list[dict], best: dict | N
         return fmt_ci({"mean": r[f"{which}_reward"], "ci_low": r[f"{which}_ci_low"], "ci_high": r[f"{which}_ci_high"]})
 
     rw = ref["reward"]
-    train = cfg.trial_rounds().train_config("", "")
+    train = cfg.trial_rounds().train_config(0, "", "")
     objective = train.objective_config()
     fixed = {"mu": objective.safeguard.mu if objective.safeguard else None, "beta": objective.beta,
              "epsilon": objective.epsilon}

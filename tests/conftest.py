@@ -35,14 +35,16 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def tiny_toy_model_dir(tmp_path_factory):
-    """The toy reference architecture with random weights, saved in the model-folder format."""
+    """The toy reference architecture with random weights, saved in the model-folder format. ε-prediction: a
+    random v-prediction model on zero-terminal-SNR betas draws near-uniform grey (x̂0 = −v̂ ≈ 0 at the first
+    step), whose rewards tie and give no on-policy pairs; a random ε model draws varied noise."""
     from pipeline.backbones import UNetBackbone
     from pipeline.toyworld.reference import build_scheduler, build_text_encoder, build_tokenizer, build_unet
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny_toy_model")
     tokenizer = build_tokenizer()
-    UNetBackbone(tokenizer, build_text_encoder(len(tokenizer)), build_unet(), build_scheduler().config).save_pretrained(path)
+    UNetBackbone(tokenizer, build_text_encoder(len(tokenizer)), build_unet(), build_scheduler("epsilon").config).save_pretrained(path)
     return path
 
 
@@ -53,20 +55,39 @@ def tiny_toy_backbone(tiny_toy_model_dir):
     return UNetBackbone.from_pretrained(tiny_toy_model_dir)
 
 
-@pytest.fixture(scope="module")
-def tiny_pairs(tiny_toy_model_dir, tmp_path_factory):
-    """A small DDSPO pairs dataset (8 prompts) from the tiny model, on a private local Ray that stays up for
-    the module (Ray Train runs on it)."""
+@pytest.fixture(scope="session")
+def tiny_pairs_dataset(tiny_toy_model_dir, tmp_path_factory):
+    """A small DDSPO pairs dataset (8 prompts) from the tiny model: a generate_pairs.py output folder (manifest.json +
+    pairs/), generated once per session; tests only read it (one that corrupts it works on a copy). Generated on
+    the Ray this process already runs (``tiny_pairs`` starts it first), else on a private local Ray stopped after."""
     import ray
 
     from pipeline.data.generate import GenerationConfig, generate
 
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
+    try:
+        out = tmp_path_factory.mktemp("pairs") / "ddspo"
+        generate(GenerationConfig(model=str(tiny_toy_model_dir), strategy="ddspo-paired", prompt_limit=8, batch_size=8,
+                                  sampler={"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}), out)
+    finally:
+        if started:
+            ray.shutdown()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs(request):
+    """The session's tiny pairs (``tiny_pairs_dataset``'s Parquet folder ``pairs/``), with a private local Ray that
+    stays up for the module (Ray Train runs on it)."""
+    import ray
+
     ray.init(address="local", num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-    out = tmp_path_factory.mktemp("pairs") / "ddspo"
-    generate(GenerationConfig(model=str(tiny_toy_model_dir), strategy="ddspo-paired", prompt_limit=8, batch_size=8,
-                              sampler={"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}), out)
-    yield out / "pairs"
-    ray.shutdown()
+    try:
+        yield request.getfixturevalue("tiny_pairs_dataset") / "pairs"  # generated on this Ray if not yet
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture()

@@ -29,10 +29,25 @@ def small(model_dir, **kw):
     return GenerationConfig(**{**base, **kw})
 
 
+@pytest.fixture(scope="module")
+def generated(tiny_toy_model_dir, tmp_path_factory):
+    """``get(strategy)``: (manifest, output folder) of ``small(strategy=strategy)``, generated once for the module;
+    the tests that share an output only read it or rerun its own config into it (a no-op they check)."""
+    done = {}
+
+    def get(strategy: str):
+        if strategy not in done:
+            out = tmp_path_factory.mktemp(f"generated_{strategy}") / "out"
+            done[strategy] = (generate(small(tiny_toy_model_dir, strategy=strategy), out), out)
+        return done[strategy]
+
+    return get
+
+
 @pytest.mark.parametrize("strategy", ["onpolicy", "ddspo-paired", "rand-positive", "not-paired"])
-def test_every_strategy_writes_valid_pairs(strategy, tiny_toy_model_dir, tmp_path):
-    manifest = generate(small(tiny_toy_model_dir, strategy=strategy), tmp_path / "out")
-    table = read_pairs(tmp_path / "out" / "pairs")
+def test_every_strategy_writes_valid_pairs(strategy, generated):
+    manifest, out = generated(strategy)
+    table = read_pairs(out / "pairs")
     rows = table.to_pylist()
     assert manifest["num_pairs"] == table.num_rows > 0 and not manifest["skipped"]
     assert {r["strategy"] for r in rows} == {strategy}
@@ -55,19 +70,21 @@ def test_every_strategy_writes_valid_pairs(strategy, tiny_toy_model_dir, tmp_pat
         assert all(set(r["perturbed_prompt"].split()) < set(r["prompt"].split()) for r in rows)
 
 
-def test_rerun_is_idempotent_and_deterministic(tiny_toy_model_dir, tmp_path):
-    cfg = small(tiny_toy_model_dir)
-    first = generate(cfg, tmp_path / "a")
-    files = {p.name: p.read_bytes() for p in (tmp_path / "a" / "pairs").iterdir()}
-    again = generate(cfg, tmp_path / "a")
-    assert again["skipped"] and {p.name: p.read_bytes() for p in (tmp_path / "a" / "pairs").iterdir()} == files
+def test_rerun_is_idempotent_and_deterministic(tiny_toy_model_dir, generated, tmp_path):
+    cfg = small(tiny_toy_model_dir, strategy="onpolicy")
+    first, a = generated("onpolicy")  # a finished run of this config (shared with the strategy test)
+    assert not first["skipped"]
+    files = {p.name: p.read_bytes() for p in (a / "pairs").iterdir()}
+    again = generate(cfg, a)
+    assert again["skipped"] and {p.name: p.read_bytes() for p in (a / "pairs").iterdir()} == files
     other = generate(cfg, tmp_path / "b")  # a fresh run elsewhere reproduces the same pairs
-    ta, tb = read_pairs(tmp_path / "a" / "pairs"), read_pairs(tmp_path / "b" / "pairs")
+    ta, tb = read_pairs(a / "pairs"), read_pairs(tmp_path / "b" / "pairs")
     assert ta.column("pair_id").to_pylist() == tb.column("pair_id").to_pylist()
     assert np.array_equal(latents_of(ta, "latent_w"), latents_of(tb, "latent_w"))
     assert first["num_pairs"] == other["num_pairs"]
     with pytest.raises(FileExistsError, match="another config"):
-        generate(small(tiny_toy_model_dir, seed=1), tmp_path / "a")
+        generate(small(tiny_toy_model_dir, seed=1), a)
+    assert {p.name: p.read_bytes() for p in (a / "pairs").iterdir()} == files  # refused: left as it was
 
 
 def test_a_crash_leaves_nothing_a_rerun_would_trust(tiny_toy_model_dir, tmp_path):

@@ -176,3 +176,20 @@ def test_dpo_gradient_pushes_winner_down_and_loser_up():
     assert bool((new_w < residual(p["policy_w"], p["target_w"])).all())
     assert bool((new_l > residual(p["policy_l"], p["target_l"])).all())
     torch.testing.assert_close(dpo_loss(torch.tensor([0.0])), torch.tensor([math.log(2.0)]))
+
+
+def test_anchor_adds_the_squared_distance_to_the_reference_and_pulls_towards_it():
+    """anchor = a adds a · mean over pairs of ½(‖πw − rw‖² + ‖πl − rl‖²)/D; its gradient points at the reference."""
+    pair = rand_pair()
+    plain = preference_loss(ObjectiveConfig(beta=10.0), **pair)
+    anchored = preference_loss(ObjectiveConfig(beta=10.0, anchor=0.5), **pair)
+    d = lambda p, r: (p - r).pow(2).flatten(1).mean(1)  # noqa: E731
+    drift = 0.5 * (d(pair["policy_w"], pair["ref_w"]) + d(pair["policy_l"], pair["ref_l"])).mean()
+    torch.testing.assert_close(anchored.loss - plain.loss, 0.5 * drift)
+    torch.testing.assert_close(anchored.metrics["anchor_drift"], drift.detach())
+    g_plain, = torch.autograd.grad(plain.loss, pair["policy_w"])
+    g_anchor, = torch.autograd.grad(anchored.loss, pair["policy_w"])
+    n = pair["policy_w"][0].numel() * pair["policy_w"].shape[0]
+    torch.testing.assert_close(g_anchor - g_plain, 0.5 * (pair["policy_w"] - pair["ref_w"]).detach() / n)
+    with pytest.raises(ValueError, match="objective.anchor=-1"):
+        ObjectiveConfig(anchor=-1.0)

@@ -155,61 +155,141 @@ def test_nan_pairs_stop_the_train_job_without_publishing(tiny_pairs, tiny_toy_mo
 
 
 # ------------------------------------------------------------------------------------------------ kills
-def _registered_step(run_dir: Path):
-    """The latest checkpoint step Ray Train's controller has registered in a run folder (None before)."""
+def _registered(run_dir: Path) -> dict | None:
+    """The latest checkpoint Ray Train's controller has registered in a run folder (what a restart or a rerun
+    resumes from): its folder name and reported metrics (``step``, ``resumed_from_step``); None before the first."""
     try:
-        latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):  # not written yet, or caught mid-write
         return None
-    return None if latest is None else int(latest["metrics"]["step"])
+
+
+def _train_workers(root: int) -> list:
+    """Live Ray Train worker processes under process ``root`` (a job's local Ray runs its workers as the driver's
+    descendants; their process title is ``ray::RayTrainWorker...``)."""
+    import psutil
+
+    procs = []
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    for p in children:
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                procs.append(p)
+        except psutil.Error:
+            pass
+    return procs
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.mark.slow
-def test_a_killed_train_job_resumes_to_bit_identical_weights(tiny_pairs, tiny_toy_model_dir, tmp_path):
-    """SIGKILL the driver of jobs/train.py (and with it its local Ray) right after a checkpoint; the rerun
-    takes over the stale lock, resumes from the checkpoint and ends with exactly an uninterrupted run's weights."""
+def test_a_killed_train_worker_and_then_driver_resume_to_bit_identical_weights(tiny_pairs, tiny_toy_model_dir, tmp_path):
+    """Two SIGKILLs in one run of jobs/train.py, each right after a registered checkpoint. First its Ray Train
+    worker: the run restarts it (``FailureConfig(max_failures=2)`` in ``run_training``) from that checkpoint, not
+    from step 0. Then, once the restarted worker has registered a checkpoint, the driver and with it its local Ray:
+    the rerun takes over the stale lock, resumes from the checkpoint and ends with exactly an uninterrupted run's
+    weights and EMA (the checkpoint holds the sampler position and every RNG state)."""
     import os
     import signal
     import time
 
-    settings = [f"model={tiny_toy_model_dir}", "objective.name=sipo", "lr=1e-3", "max_steps=24", "batch_size=2",
-                "checkpoint_every=4", "torch_threads=1", "ema_decay=0.9"]
+    from pipeline.training.worker import EMA_FILE, WEIGHTS_FILE
+
+    max_steps, every = 24, 4
+    settings = [f"model={tiny_toy_model_dir}", "objective.name=sipo", "lr=1e-3", f"max_steps={max_steps}", "batch_size=2",
+                f"checkpoint_every={every}", "torch_threads=1", "ema_decay=0.9"]
 
     def job(out: Path) -> list[str]:
         return [sys.executable, str(ROOT / "jobs" / "train.py"), "--pairs", str(tiny_pairs), "--out", str(out),
                 "--num-cpus", "2", "--set", *settings]
 
     killed = tmp_path / "killed"
+    run_dir = killed / "ray_storage" / "train"
     proc = subprocess.Popen(job(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline, step = time.time() + 240, None
-    while time.time() < deadline and proc.poll() is None:
-        step = _registered_step(killed / "ray_storage" / "train")
-        if step is not None:
-            break
-        time.sleep(0.2)
-    assert step is not None and step < 24, f"no checkpoint to kill at (step {step}, rc {proc.poll()})"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.wait(timeout=60)
+    try:
+        # 1. the worker, at the first registered checkpoint
+        deadline, step_at_kill, killed_pid, error = time.time() + 420, None, None, None  # for both kills
+        while time.time() < deadline and proc.poll() is None and killed_pid is None:
+            latest = _registered(run_dir)
+            if latest is not None:
+                workers = _train_workers(proc.pid)
+                if len(workers) > 1:
+                    error = f"expected one training worker, found {[w.pid for w in workers]}"
+                    break
+                if workers:
+                    step_at_kill = int(latest["metrics"]["step"])
+                    workers[0].send_signal(signal.SIGKILL)
+                    killed_pid = workers[0].pid
+            time.sleep(0.1)
+        assert error is None, error
+        assert killed_pid is not None, f"no checkpoint or no training worker to kill (rc {proc.poll()})"
+        assert every <= step_at_kill < max_steps, step_at_kill
+
+        # 2. the driver, at the first checkpoint the restarted worker registers
+        resumed = None
+        while time.time() < deadline and proc.poll() is None:
+            latest = _registered(run_dir)
+            if latest is not None and latest["metrics"].get("resumed_from_step", 0) > 0:
+                resumed = latest["metrics"]
+                break
+            time.sleep(0.1)
+        assert resumed is not None, f"no checkpoint from a restarted worker (rc {proc.poll()})"
+        assert proc.poll() is None, "the run ended before its driver could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    # the worker kill really happened, to a Ray Train worker, and the run restarted it from a checkpoint at or
+    # after the one registered before the kill, not from step 0 (a run that never failed reports 0 throughout)
+    assert not _alive(killed_pid)
+    assert step_at_kill <= resumed["resumed_from_step"] < max_steps and resumed["resumed_from_step"] % every == 0, \
+        (resumed, step_at_kill)
+    step = int(resumed["step"])
+    assert step < max_steps
     time.sleep(2)
     assert not (killed / "policy.safetensors").exists()  # nothing published by the killed run
 
-    resumed = subprocess.run(job(killed), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rerun = subprocess.run(job(killed), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
     history = json.loads((killed / "metrics.json").read_text())
-    assert history[-1]["step"] == 24 and history[-1]["resumed_from_step"] >= step
+    assert history[-1]["step"] == max_steps and history[-1]["resumed_from_step"] >= step
+    final = _registered(run_dir)
+    assert final["metrics"]["step"] == max_steps
+    assert json.loads((run_dir / final["checkpoint_dir_name"] / "metrics.json").read_text())["step"] == max_steps
+
     # the uninterrupted run: the same engine in this process (a Ray Train worker computes exactly what the
-    # in-process engine does: tests/test_training_engine.py::test_ray_worker_equals_in_process_engine)
+    # in-process engine does: tests/test_training_ray.py::test_ray_worker_equals_in_process_engine)
     from pipeline.config import apply_overrides, build
     from pipeline.training import PairData, train_in_process
+    from pipeline.training.worker import save_checkpoint
 
     threads = torch.get_num_threads()
     try:
         straight = train_in_process(build(TrainConfig, apply_overrides({}, settings)), PairData.from_table(read_pairs(tiny_pairs)))
         b = straight.policy_weights()
+        assert straight.history[-1]["resumed_from_step"] == 0
+        (tmp_path / "straight").mkdir()
+        save_checkpoint(straight, tmp_path / "straight", {"step": straight.step})
     finally:
         torch.set_num_threads(threads)
     a = load_file(str(killed / "policy.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for name in (WEIGHTS_FILE, EMA_FILE):  # the final checkpoint: live weights and EMA
+        resumed_w, straight_w = load_file(str(run_dir / final["checkpoint_dir_name"] / name)), load_file(str(tmp_path / "straight" / name))
+        assert set(resumed_w) == set(straight_w)
+        assert all(torch.equal(resumed_w[k], straight_w[k]) for k in resumed_w), name
 
 
 @pytest.mark.parametrize("override, message", [
@@ -247,11 +327,12 @@ def test_a_deterministic_worker_error_fails_at_once_without_retries(tiny_pairs, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["generation", "evaluation"])
-def test_a_rounds_job_killed_mid_round_completes_once_on_rerun(kill_at, tiny_toy_model_dir, tmp_path):
-    """SIGKILL jobs/iterative_sipo.py while it generates pairs or evaluates a trained policy; the rerun takes
-    over the lock, cleans the killed write's temporaries, finishes the round and publishes it exactly once
-    (a dataset is published whole by rename, so a killed generation leaves no partial pairs to duplicate)."""
+def test_a_rounds_job_killed_in_generation_then_in_evaluation_completes_once(tiny_toy_model_dir, tmp_path):
+    """SIGKILL jobs/iterative_sipo.py while it generates the round's pairs; its rerun takes over the lock, cleans
+    the killed write's temporaries, generates the whole dataset again, trains, and is SIGKILLed in turn while it
+    evaluates the trained policy; the next rerun takes over the lock again, finishes the round and publishes it
+    exactly once (a dataset is published whole by rename, so a killed generation leaves no partial pairs to
+    duplicate)."""
     import os
     import signal
     import time
@@ -264,20 +345,33 @@ def test_a_rounds_job_killed_mid_round_completes_once_on_rerun(kill_at, tiny_toy
            "train.max_steps=4", "train.batch_size=2", "train.checkpoint_every=2",
            "eval.num_prompts=16", "eval.samples=2", "eval.sampler.num_steps=6"]
 
-    def reached() -> bool:
-        if kill_at == "generation":  # the round's pairs are being written (Ray Data has started)
-            return (run / ".round_0.work").is_dir() and not (run / ".round_0.work" / "pairs").exists()
+    def generating() -> bool:  # the round's pairs are being written (Ray Data has started)
+        return (run / ".round_0.work").is_dir() and not (run / ".round_0.work" / "pairs").exists()
+
+    def evaluating() -> bool:  # the trained policy's evaluation is being written
         return any(p.name.startswith(".round_0.tmp-") for p in run.iterdir()) if run.is_dir() else False
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not reached():
-        time.sleep(0.05)
-    assert proc.poll() is None and reached(), f"the job did not reach {kill_at} (rc {proc.poll()})"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    time.sleep(2)
-    assert not (run / "round_0").exists()  # nothing published by the killed run
+    for kill_at, reached in (("generation", generating), ("evaluation", evaluating)):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None and not reached():
+                time.sleep(0.05)
+            assert proc.poll() is None and reached(), f"the job did not reach {kill_at} (rc {proc.poll()})"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+        time.sleep(2)
+        assert not (run / "round_0").exists(), kill_at  # nothing published by the killed run
+        if kill_at == "evaluation":  # the rerun after the killed generation wrote one finished, checksummed dataset
+            pairs = run / ".round_0.work" / "pairs"
+            written = json.loads((pairs / "manifest.json").read_text())
+            assert read_pairs(pairs / "pairs").num_rows == written["num_pairs"] > 0
+            # ... and the killed generation's temporaries (.pairs.tmp-*) are gone: cleaned when the rerun took the lock
+            assert [p.name for p in (run / ".round_0.work").iterdir() if p.name.startswith(".pairs.")] == []
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -285,6 +379,6 @@ def test_a_rounds_job_killed_mid_round_completes_once_on_rerun(kill_at, tiny_toy
     leftovers = [p.name for p in run.iterdir() if ".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".work")]
     assert leftovers == []
     manifest = json.loads((run / "round_0" / "pairs_manifest.json").read_text())
-    assert manifest["num_pairs"] > 0 and manifest["parquet_dir"] == "pairs"  # one finished, checksummed dataset
+    assert manifest["num_pairs"] == written["num_pairs"] and manifest["parquet_dir"] == "pairs"  # the same dataset
     summary = json.loads((run / "summary.json").read_text())
     assert [r["round"] for r in summary] == ["reference", "round 0"]  # published once

@@ -28,6 +28,7 @@ def test_ci_formatter_and_tables():
     assert fmt_ci({"mean": -0.02, "ci_low": -0.05, "ci_high": 0.01}, signed=True) == "-0.020 [-0.050, +0.010]"
     assert fmt_ci(None) == "–" and fmt_ci({"mean": None}) == "–"
     assert fmt_num(None) == "–" and fmt_num(float("nan")) == "–" and fmt_num(0.5, signed=True) == "+0.500"
+    assert fmt_num(724) == "724" and fmt_num(3.0) == "3.000"
     table = markdown_table(["a", "b"], [["x", 0.25], ["y|z", None]])
     assert table == "| a | b |\n|---|---|\n| x | 0.250 |\n| y\\|z | – |"
     with pytest.raises(ValueError, match="2 columns"):
@@ -53,10 +54,18 @@ def _history(steps: int, safeguard: bool) -> list[dict]:
              "grad_norm": 1.0 + 0.1 * s} for s in range(1, steps + 1)]
 
 
-def _table(md: str) -> list[list[str]]:
-    """The header and body rows of the Markdown table in ``md`` (the ``|---|`` line left out)."""
-    lines = [line for line in md.splitlines() if line.startswith("| ")]
-    return [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
+def _table(md: str, which: int = 0) -> list[list[str]]:
+    """The header and body rows of the ``which``-th Markdown table in ``md`` (the ``|---|`` line left out)."""
+    tables, current = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("| "):
+            current.append([c.strip() for c in line.strip("|").split(" | ")])
+        elif line.startswith("|---"):
+            continue
+        elif current:
+            tables.append(current)
+            current = []
+    return tables[which]
 
 
 def _run_dir(tmp_path, toy: bool, safeguard: bool):
@@ -68,8 +77,9 @@ def _run_dir(tmp_path, toy: bool, safeguard: bool):
     (run / "run_config.json").write_text(json.dumps({"job": "iterative_sipo", "fingerprint": "0123456789abcdef",
                                                      "config": {"model": "/models/tiny", "rounds": 1}}))
     train = {"last": _history(4, safeguard)[-1], "history": _history(4, safeguard)}
-    rows = [_summary_row("reference", _eval(ref, toy), _eval(ref, toy), {}),
-            _summary_row("round 0", _eval(pol, toy), _eval(ref, toy), train)]
+    rows = [_summary_row("reference", _eval(ref, toy), _eval(ref, toy), _eval(ref, toy), {}, {}),
+            _summary_row("round 0", _eval(pol, toy), _eval(ref, toy), _eval(ref, toy), train,
+                         {"num_pairs": 12, "mean_reward_gap": 0.3, "mean_prompt_reward": 0.4})]
     return run, rows, ref, pol
 
 
@@ -79,15 +89,19 @@ def test_summary_for_a_toy_reward_has_a_header_the_attribute_columns_and_a_legen
     text = (run / "summary.md").read_text()
     assert "Model: `/models/tiny`" in text and "`0123456789abcdef`" in text
     assert "6 prompts × 2 seeds" in text and "percentile bootstrap over prompts" in text
-    table = _table(text)
+    table, data = _table(text), _table(text, 1)
     header = table[0]
-    assert header[:4] == ["round", "reward [95% CI]", "Δ vs ref, paired [95% CI]", "win vs ref [95% CI]"]
-    for col in ("all attributes", "colour", "shape", "count", "position", "loss", "impl. acc", "λ", "λ active"):
+    assert header[:5] == ["round", "reward [95% CI]", "Δ vs ref, paired [95% CI]", "Δ vs previous, paired",
+                          "win vs ref [95% CI]"]
+    for col in ("all attributes", "colour", "shape", "count", "position"):
         assert col in header, col
-    assert [r[0] for r in table[1:]] == ["reference", "round 0"]
+    for col in ("pairs", "reward gap", "rollout reward", "loss", "impl. acc", "λ", "λ active"):
+        assert col in data[0], col
+    assert [r[0] for r in table[1:]] == ["reference", "round 0"] == [r[0] for r in data[1:]]
     ref_row, round_row = table[1], table[2]
     assert ref_row[2] == "–" and ref_row[3] == "–"  # no comparison of the reference with itself
-    assert round_row[2].startswith(("+", "-")) and round_row[header.index("λ")] == "0.800"
+    assert round_row[2].startswith(("+", "-")) and round_row[3] == round_row[2]  # round 0: previous = reference
+    assert data[2][data[0].index("λ")] == "0.800" and data[2][data[0].index("pairs")] == "12"
     assert "Columns:" in text and "- **Δ vs ref, paired**" in text and "- **colour**" in text
     # reward.png, curves.png; rows carry the paired Δ and win rate
     for f in ("summary.json", "reward.png", "curves.png"):
@@ -100,14 +114,16 @@ def test_summary_for_a_toy_reward_has_a_header_the_attribute_columns_and_a_legen
 def test_summary_for_a_reward_without_attributes_has_no_empty_columns(tmp_path, capsys):
     run, rows, _, _ = _run_dir(tmp_path, toy=False, safeguard=False)
     _write_summary(run, rows)
-    table = _table((run / "summary.md").read_text())
-    header, body = table[0], table[1:]
-    for col in ("all attributes", "colour", "shape", "count", "position", "λ", "λ active", "w̄", "masked"):
-        assert col not in header, col  # no attributes; safeguard off (λ ≡ 1); no importance weights / mask
-    assert header == ["round", "reward [95% CI]", "Δ vs ref, paired [95% CI]", "win vs ref [95% CI]", "loss",
-                      "impl. acc"]
-    for j, col in enumerate(header):
-        assert any(row[j] != "–" for row in body), f"column {col!r} is empty"
+    text = (run / "summary.md").read_text()
+    for table in (_table(text), _table(text, 1)):
+        header, body = table[0], table[1:]
+        for col in ("all attributes", "colour", "shape", "count", "position", "λ", "λ active", "w̄", "masked"):
+            assert col not in header, col  # no attributes; safeguard off (λ ≡ 1); no importance weights / mask
+        for j, col in enumerate(header):
+            assert any(row[j] != "–" for row in body), f"column {col!r} is empty"
+    assert _table(text)[0] == ["round", "reward [95% CI]", "Δ vs ref, paired [95% CI]", "Δ vs previous, paired",
+                               "win vs ref [95% CI]"]
+    assert _table(text, 1)[0][:6] == ["round", "pairs", "reward gap", "rollout reward", "loss", "impl. acc"]
 
 
 def test_training_curves_have_separate_panels(tmp_path):
@@ -184,8 +200,9 @@ def test_evaluate_saves_the_stratified_samples_and_rounds_draw_the_paired_grid(t
     # the rounds' summary draws round_0/paired_grid.png from the two samples files
     shutil.copy(run / "reference_eval" / SAMPLES_FILE, run / "round_0" / SAMPLES_FILE)
     ref = res.to_dict()
-    _write_summary(run, [_summary_row("reference", ref, ref, {}),
-                         _summary_row("round 0", ref, ref, {"last": _history(2, False)[-1], "history": _history(2, False)})])
+    _write_summary(run, [_summary_row("reference", ref, ref, ref, {}, {}),
+                         _summary_row("round 0", ref, ref, ref, {"last": _history(2, False)[-1],
+                                                                 "history": _history(2, False)}, {})])
     assert (run / "round_0" / "paired_grid.png").read_bytes()[:4] == b"\x89PNG"
     table = _table((run / "summary.md").read_text())
     assert "colour" in table[0] and "all attributes" in table[0]  # the toy detector's own per-attribute scores
@@ -199,3 +216,22 @@ def test_render_reproduces_the_committed_results_md(tmp_path):
     shutil.copy(ROOT / "docs" / "results.json", tmp_path / "results.json")
     assert claims.main(["--render", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "results.md").read_text() == (ROOT / "docs" / "results.md").read_text()
+
+
+def test_hacking_warnings_fire_on_gold_falling_brighter_backgrounds_and_collapse():
+    from pipeline.rounds import hacking_warnings
+
+    def row(name, reward_rise, gold, bright=0.05, diversity=0.2):
+        return {"round": name, "delta_vs_prev": None if reward_rise is None else {"mean": reward_rise},
+                "overall": {"mean": gold}, "drift": {"background_brightness": {"mean": bright},
+                                                     "seed_diversity": {"mean": diversity}}}
+
+    ref = row("reference", None, 0.10)
+    assert hacking_warnings([ref, row("round 0", +0.05, 0.20)]) == []  # reward and gold both up
+    assert hacking_warnings([ref, row("round 0", -0.02, 0.05)]) == []  # both down: a regression, not a hack
+    [gold] = hacking_warnings([ref, row("round 0", +0.05, 0.20), row("round 1", +0.03, 0.15)])
+    assert "gold metric" in gold and "0.200 → 0.150" in gold
+    [bright] = hacking_warnings([ref, row("round 0", +0.05, 0.20, bright=0.30)])
+    assert "background brightness 0.300" in bright
+    [collapse] = hacking_warnings([ref, row("round 0", +0.05, 0.20, diversity=0.05)])
+    assert "diversity across seeds 0.050" in collapse

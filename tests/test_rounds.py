@@ -25,9 +25,14 @@ def test_one_round_writes_everything_and_reruns_skip(tiny_toy_model_dir, tmp_pat
         generation={"strategy": "ddspo-paired", "prompt_limit": 8, "batch_size": 8,
                     "sampler": {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}},
         train={"objective": {"name": "ddspo"}, "lr": 1e-3, "max_steps": 2, "batch_size": 4, "checkpoint_every": 1},
+        select={"name": "validation", "num_prompts": 2, "samples": 1},  # the start (the base model) competes too
     )
     logs: list[str] = []
     rows = run_rounds(cfg, tmp_path / "run", log=logs.append)
+    selection = json.loads((tmp_path / "run" / "round_0" / "train_metrics.json").read_text())["selection"]
+    assert [v["step"] for v in selection["validation"]] == [0, 1, 2]
+    best = max(selection["validation"], key=lambda v: v["reward"])["step"]
+    assert selection["selected_step"] == best and any(line.startswith("select · validation reward") for line in logs)
     run = tmp_path / "run"
     assert [r["round"] for r in rows] == ["reference", "round 0"]
     for f in ("summary.md", "summary.json", "reward.png", "curves.png"):
@@ -87,20 +92,41 @@ def test_job_config_errors_name_the_field(capsys, tmp_path):
 
 
 def test_two_lora_rounds_roll_out_and_train_from_the_adapter(tiny_toy_model_dir, tmp_path):
-    """Round 1 samples from round 0's LoRA policy and trains on from it; the export merges the adapter."""
+    """Round 1 samples from round 0's LoRA policy and trains on from it — with round 0's AdamW state, on its
+    own and round 0's pairs, the checkpoint chosen on validation prompts; the export merges the adapter."""
     ray.init(num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
     cfg = RoundsConfig(
-        model=str(tiny_toy_model_dir), rounds=2,
+        model=str(tiny_toy_model_dir), rounds=2, carry_optimizer=True, replay=1, lr_decay=0.5,
+        select={"name": "validation", "num_prompts": 2, "samples": 1, "include_start": False},
         eval={"num_prompts": 2, "samples": 2, "sampler": {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 16}},
         generation={"prompt_limit": 8, "samples_per_prompt": 2, "batch_size": 8,
                     "sampler": {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}},
-        train={"objective": {"name": "sipo"}, "lora_rank": 4, "lr": 1e-2, "max_steps": 2, "batch_size": 2, "checkpoint_every": 2},
+        train={"objective": {"name": "sipo"}, "lora_rank": 4, "lr": 1e-2, "max_steps": 2, "batch_size": 2, "checkpoint_every": 1},
     )
-    run_rounds(cfg, tmp_path / "run", log=lambda _: None)
+    logs: list[str] = []
+    rows = run_rounds(cfg, tmp_path / "run", log=logs.append)
     run = tmp_path / "run"
     manifest = json.loads((run / "round_1" / "pairs_manifest.json").read_text())
     assert manifest["config"]["weights"].endswith("round_0/policy.safetensors")
     assert manifest["config"]["lora_rank"] == 4
+    # replay: round 1 trained on its pairs and round 0's (kept in round_0/pairs)
+    assert (run / "round_0" / "pairs" / "manifest.json").exists()
+    assert any(line.startswith("round 1: training on") and "+ 1 earlier round(s)' pairs" in line for line in logs)
+    # carried optimizer: Adam's step count continues (2 steps per round) and round 1 ran at lr × 0.5
+    import torch
+
+    steps = [torch.load(run / f"round_{k}" / "optimizer.pt", weights_only=True)["state"] for k in (0, 1)]
+    assert {float(v["step"]) for v in steps[0].values()} == {2.0} and {float(v["step"]) for v in steps[1].values()} == {4.0}
+    m1 = json.loads((run / "round_1" / "train_metrics.json").read_text())
+    assert m1["last"]["lr"] == pytest.approx(0.5e-2)
+    # checkpoint selection on validation prompts: both checkpoints scored, the best one chosen
+    val = m1["selection"]["validation"]
+    assert [v["step"] for v in val] == [1, 2]
+    assert m1["selection"]["selected_step"] == max(val, key=lambda v: v["reward"])["step"]
+    # the round table: paired Δ against the previous round, the pairs' statistics and the drift statistics
+    assert rows[2]["delta_vs_prev"] is not None and rows[2]["num_pairs"] == manifest["num_pairs"]
+    assert rows[2]["rollout_reward"] == pytest.approx(manifest["mean_prompt_reward"])
+    assert "Δ vs previous, paired" in (run / "summary.md").read_text()
     from safetensors.torch import load_file
 
     p0, p1 = (load_file(str(run / f"round_{k}" / "policy.safetensors")) for k in (0, 1))
@@ -115,3 +141,41 @@ def test_two_lora_rounds_roll_out_and_train_from_the_adapter(tiny_toy_model_dir,
 def test_refresh_with_lora_is_refused():
     with pytest.raises(ValueError, match="refresh"):
         RoundsConfig(reference="refresh", train={"lora_rank": 4})
+
+
+def test_selection_never_looks_at_the_test_prompts():
+    with pytest.raises(ValueError, match="never chosen on test prompts"):
+        RoundsConfig(select={"name": "validation", "prompts": "toy:heldout"})
+    from pipeline.data.prompts import load_prompts
+
+    fit, val = ({r["prompt"] for r in load_prompts(s)} for s in ("toy:fit", "toy:val"))
+    assert len(fit) == 144 and len(val) == 24 and not fit & val
+    assert fit | val == {r["prompt"] for r in load_prompts("toy:train")}
+
+
+def test_reference_schedules_pick_or_average_the_right_weights(tiny_toy_model_dir, tmp_path):
+    """fixed: the model's own; refresh every 2: the policy of the last refresh point; ema: the exact average."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.rounds import POLICY_FILE, REFERENCE_FILE, reference_for_round
+
+    base = {n: t.clone() for n, t in load_backbone(tiny_toy_model_dir).denoiser.state_dict().items()}
+    run = tmp_path / "run"
+    for k in range(3):  # fake published policies: base + k + 1
+        (run / f"round_{k}").mkdir(parents=True)
+        save_file({n: t + (k + 1) for n, t in base.items()}, str(run / f"round_{k}" / POLICY_FILE))
+    work = tmp_path / "work"
+    work.mkdir()
+    fixed = RoundsConfig(model=str(tiny_toy_model_dir))
+    assert reference_for_round(fixed, 2, run, work) == ""
+    every2 = RoundsConfig(model=str(tiny_toy_model_dir), reference={"name": "refresh", "every": 2})
+    assert [reference_for_round(every2, k, run, work) for k in (0, 1, 2, 3)] == [
+        "", "", str(run / "round_1" / POLICY_FILE), str(run / "round_1" / POLICY_FILE)]
+    ema = RoundsConfig(model=str(tiny_toy_model_dir), reference={"name": "ema", "decay": 0.75})
+    ref1 = load_file(reference_for_round(ema, 1, run, work))  # 0.75 · base + 0.25 · (base + 1)
+    name = next(iter(base))
+    torch.testing.assert_close(ref1[name], base[name] + 0.25)
+    (work / REFERENCE_FILE).rename(run / "round_1" / REFERENCE_FILE)  # published with round 1
+    ref2 = load_file(reference_for_round(ema, 2, run, work))  # 0.75 · ref1 + 0.25 · (base + 2)
+    torch.testing.assert_close(ref2[name], base[name] + 0.75 * 0.25 + 0.5, rtol=0, atol=1e-5)

@@ -19,7 +19,7 @@ from pipeline.toyworld.reference import REFERENCE_DIR  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-SAMPLER = {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 16}
+SAMPLER = {"num_steps": 2, "guidance_scale": 3.0, "eta": 1.0, "batch_size": 16}
 
 
 @pytest.fixture(scope="module", autouse=True)

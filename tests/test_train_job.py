@@ -17,18 +17,10 @@ import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def pairs_dir(tiny_toy_model_dir, tmp_path_factory):
-    """A generate_pairs.py output folder (manifest + pairs/) for the tiny model, on a private local Ray."""
-    import ray
-
-    from pipeline.data.generate import GenerationConfig, generate
-
-    ray.init(address="local", num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-    out = tmp_path_factory.mktemp("pairs") / "ddspo"
-    generate(GenerationConfig(model=str(tiny_toy_model_dir), strategy="ddspo-paired", prompt_limit=8, batch_size=8,
-                              sampler={"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}), out)
-    yield out
-    ray.shutdown()
+def pairs_dir(tiny_pairs):
+    """A generate_pairs.py output folder (manifest + pairs/) for the tiny model: the session's tiny dataset, on the
+    module's private local Ray."""
+    return Path(tiny_pairs).parent
 
 
 def settings(model_dir, **kw):

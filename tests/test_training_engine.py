@@ -1,17 +1,16 @@
-"""The one training engine: the Ray Train worker and the in-process path are the same computation, a resumed
-run is bit-identical to an uninterrupted one, and a non-finite loss stops training without publishing."""
+"""The one training engine: a resumed run is bit-identical to an uninterrupted one, and a non-finite loss stops
+training without publishing. (That a Ray Train worker computes exactly what the in-process engine does is
+tests/test_training_ray.py::test_ray_worker_equals_in_process_engine.)"""
 
 import hashlib
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipeline.data.schema import read_pairs
 from pipeline.training import PairData, PairSampler, TrainEngine, TrainingDiverged, train_in_process
-from pipeline.training.trainer import run_training
-from pipeline.training.worker import WEIGHTS_FILE, load_checkpoint, save_checkpoint
+from pipeline.training.worker import load_checkpoint, save_checkpoint
 
 
 def digest(weights: dict) -> str:
@@ -39,8 +38,8 @@ def test_sampler_epochs_cover_every_pair_once_per_rank_split():
     assert first[5] != first[0] or first[6] != first[1]  # epoch 1 is another permutation
 
 
-def test_in_process_resume_is_bit_identical(tiny_pairs, tiny_train_config, tmp_path):
-    data = PairData.from_table(read_pairs(tiny_pairs))
+def test_in_process_resume_is_bit_identical(tiny_pairs_dataset, tiny_train_config, tmp_path):
+    data = PairData.from_table(read_pairs(tiny_pairs_dataset / "pairs"))
     cfg = tiny_train_config(max_steps=6, log_every=1, checkpoint_every=3, torch_threads=1)
     straight = train_in_process(cfg, data)
 
@@ -56,23 +55,8 @@ def test_in_process_resume_is_bit_identical(tiny_pairs, tiny_train_config, tmp_p
     assert second.history[-1]["resumed_from_step"] == 3 and straight.history[-1]["resumed_from_step"] == 0
 
 
-@pytest.mark.slow
-def test_ray_worker_equals_in_process_engine(tiny_pairs, tiny_train_config, tmp_path):
-    """Same pairs, seeds and settings: the Ray Train worker's weights are the in-process engine's, bit for bit."""
-    cfg = tiny_train_config(max_steps=4, log_every=1, checkpoint_every=4, torch_threads=1, ema_decay=0.0)
-    result = run_training(cfg, tiny_pairs, tmp_path, "identity")
-    with result.checkpoint.as_directory() as d:
-        worker = load_file(f"{d}/{WEIGHTS_FILE}")
-    threads = torch.get_num_threads()
-    try:
-        local = train_in_process(cfg, PairData.from_table(read_pairs(tiny_pairs))).policy_weights()
-    finally:
-        torch.set_num_threads(threads)
-    assert digest(worker) == digest(local)
-
-
-def test_nan_loss_stops_with_the_step_and_pair_ids(tiny_pairs, tiny_train_config):
-    data = PairData.from_table(read_pairs(tiny_pairs))
+def test_nan_loss_stops_with_the_step_and_pair_ids(tiny_pairs_dataset, tiny_train_config):
+    data = PairData.from_table(read_pairs(tiny_pairs_dataset / "pairs"))
     data.x0_w[:] = float("nan")  # every pair poisoned in memory (files are checked on read, see test_reliability)
     engine = TrainEngine(tiny_train_config(max_steps=3))
     before = digest(engine.policy_weights())

@@ -28,13 +28,27 @@ def read_events(path):
     return out
 
 
-def test_one_worker_trains_and_checkpoints(tiny_pairs, tiny_train_config, tiny_toy_model_dir, tmp_path):
-    result = run_training(tiny_train_config(max_steps=3, log_every=1, checkpoint_every=2), tiny_pairs, tmp_path, "one",
-                          logdir=tmp_path / "tb")
+@pytest.fixture(scope="module")
+def one_worker_run(tiny_pairs, tiny_toy_model_dir, tmp_path_factory):
+    """One finished 1-worker run (3 steps, a report every step, checkpoints at steps 2 and 3, one torch thread)
+    that writes to every metrics backend at once (TensorBoard, MLflow's local file store, W&B offline); the tests
+    below only read it. Returns (Ray Train result, logdir, config)."""
+    from pipeline.training.config import TrainConfig
+
+    tmp = tmp_path_factory.mktemp("one_worker")
+    cfg = TrainConfig(model=str(tiny_toy_model_dir), objective={"name": "ddspo", "safeguard": {"mu": 0.5}}, lr=1e-3,
+                      max_steps=3, batch_size=2, log_every=1, checkpoint_every=2, ema_decay=0.9, torch_threads=1,
+                      report_to=("tensorboard", "mlflow", "wandb"))
+    result = run_training(cfg, tiny_pairs, tmp, "one", logdir=tmp / "tb")
+    return result, tmp / "tb", cfg
+
+
+def test_one_worker_trains_and_checkpoints(one_worker_run, tiny_toy_model_dir):
+    result, logdir, _ = one_worker_run
     # a metrics report every log_every step, independent of the checkpoints (steps 2 and 3)
-    progress = [json.loads(line) for line in (tmp_path / "tb" / "progress.jsonl").read_text().splitlines()]
+    progress = [json.loads(line) for line in (logdir / "progress.jsonl").read_text().splitlines()]
     assert [p["step"] for p in progress] == [1, 2, 3]
-    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    events = list(logdir.glob("events.out.tfevents.*"))
     assert events
     assert sorted(step for step, tag, _ in read_events(events[0]) if tag == "train/loss") == [1, 2, 3]
     m = result.metrics
@@ -47,6 +61,27 @@ def test_one_worker_trains_and_checkpoints(tiny_pairs, tiny_train_config, tiny_t
     initial = load_file(str(tiny_toy_model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     assert set(trained) == set(initial)
     assert any(not torch.equal(trained[k], initial[k]) for k in trained)
+
+
+def test_ray_worker_equals_in_process_engine(one_worker_run, tiny_pairs, tmp_path):
+    """Same pairs, seeds and settings: the Ray Train worker's weights and EMA are the in-process engine's, bit for bit."""
+    from pipeline.data.schema import read_pairs
+    from pipeline.training import PairData, train_in_process
+    from pipeline.training.worker import save_checkpoint
+
+    result, _, cfg = one_worker_run
+    threads = torch.get_num_threads()
+    try:
+        local = train_in_process(cfg, PairData.from_table(read_pairs(tiny_pairs)))
+        save_checkpoint(local, tmp_path, {"step": local.step})
+    finally:
+        torch.set_num_threads(threads)
+    for name in (WEIGHTS_FILE, EMA_FILE):
+        with result.checkpoint.as_directory() as d:
+            worker = load_file(f"{d}/{name}")
+        in_process = load_file(str(tmp_path / name))
+        assert set(worker) == set(in_process)
+        assert all(torch.equal(worker[k], in_process[k]) for k in worker), name
 
 
 def test_two_workers_shard_with_fsdp2_and_resume(tiny_pairs, tiny_train_config, tiny_toy_model_dir, tmp_path):
@@ -70,16 +105,15 @@ def test_too_few_pairs_is_a_clear_error(tiny_pairs, tiny_train_config, tmp_path)
         run_training(tiny_train_config(batch_size=64), tiny_pairs, tmp_path, "big")
 
 
-def test_metrics_go_to_mlflow_in_a_local_file_store(tiny_pairs, tiny_train_config, tmp_path, monkeypatch):
+def test_metrics_go_to_mlflow_in_a_local_file_store(one_worker_run, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    _, logdir, _ = one_worker_run
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this reader; the tracker sets it where it writes
-    cfg = tiny_train_config(max_steps=2, log_every=1, report_to=("tensorboard", "mlflow"))
-    run_training(cfg, tiny_pairs, tmp_path, "tracked", logdir=tmp_path / "tb", progress=False)
-    client = MlflowClient((tmp_path / "tb" / "mlruns").resolve().as_uri())
-    (run,) = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    client = MlflowClient((logdir / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("one").experiment_id])
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
     assert run.data.params["objective.name"] == "ddspo" and run.data.params["lr"] == "0.001"
 
 
@@ -115,10 +149,9 @@ def read_wandb_history(path):
     return out
 
 
-def test_metrics_go_to_wandb_offline(tiny_pairs, tiny_train_config, tmp_path):
-    cfg = tiny_train_config(max_steps=2, log_every=1, report_to=("wandb",))
-    run_training(cfg, tiny_pairs, tmp_path, "wb", logdir=tmp_path / "tb", progress=False)
-    (run_file,) = (tmp_path / "tb" / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads
+def test_metrics_go_to_wandb_offline(one_worker_run):
+    _, logdir, _ = one_worker_run
+    (run_file,) = (logdir / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads
     history = read_wandb_history(run_file)
-    assert [step for step, _ in history] == [1, 2]
+    assert [step for step, _ in history] == [1, 2, 3]
     assert all("train/loss" in items and "train/implicit_acc" in items for _, items in history)

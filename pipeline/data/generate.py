@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 
 from ..config import fingerprint, sections
@@ -200,6 +201,10 @@ def generate(cfg: GenerationConfig, out: str | Path) -> dict:
     with atomic_directory(out, marker=True) as tmp, watch_data_operator("GenerateImages", stage):
         ds = build_dataset(cfg).sort("pair_id")  # a stable row order: reruns write identical files
         ds.write_parquet(str(tmp / PARQUET_DIR), min_rows_per_file=100_000)
+        if not (tmp / PARQUET_DIR).is_dir():  # Ray Data writes no folder for an empty dataset
+            raise ValueError(f"{out}: no pairs were made from {n_prompts} prompts (strategy {cfg.strategy!r}, "
+                             f"pairing {cfg.pairing!r}, min_reward_gap {cfg.min_reward_gap}): every prompt's "
+                             "samples tied; use more samples_per_prompt or a smaller min_reward_gap")
         table = read_pairs(tmp / PARQUET_DIR)  # validate what was written (schema, finite values) before marking it
         stage.close(f"{table.num_rows} pairs", done=total)
         manifest = {
@@ -211,5 +216,8 @@ def generate(cfg: GenerationConfig, out: str | Path) -> dict:
             gap = (table.column("reward_w").to_numpy() - table.column("reward_l").to_numpy())
             manifest["mean_reward_gap"] = float(gap.mean())
             manifest["mean_prompt_reward"] = float(table.column("prompt_reward_mean").to_numpy().mean())
+            lw, ll = (np.asarray(table.column(c).combine_chunks().flatten(), dtype=np.float32).reshape(table.num_rows, -1)
+                      for c in ("latent_w", "latent_l"))
+            manifest["mean_pair_distance"] = float(np.sqrt(((lw - ll) ** 2).mean(1)).mean())  # RMS, latent units
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     return {**manifest, "skipped": False}

@@ -11,15 +11,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-TOY_SOURCES = {"toy:train", "toy:heldout", "toy:all"}
+#: toy:train (168) = toy:fit (144) + toy:val (24, checkpoint selection); toy:heldout (48) is the test split
+TOY_SOURCES = {"toy:train", "toy:fit", "toy:val", "toy:heldout", "toy:all"}
 
 
 def load_prompts(source: str, *, limit: int = 0, repeat: int = 1) -> list[dict]:
     """Read a prompt source; ``limit`` keeps the first N prompts, ``repeat`` cycles the list N times."""
     if source in TOY_SOURCES:
-        from ..toyworld import all_specs, heldout_specs, train_specs
+        from ..toyworld import all_specs, fit_specs, heldout_specs, train_specs, validation_specs
 
-        specs = {"toy:train": train_specs, "toy:heldout": heldout_specs, "toy:all": all_specs}[source]()
+        specs = {"toy:train": train_specs, "toy:fit": fit_specs, "toy:val": validation_specs,
+                 "toy:heldout": heldout_specs, "toy:all": all_specs}[source]()
         prompts = [s.text for s in specs]
     else:
         prompts = _read_file(Path(source))

@@ -72,6 +72,10 @@ class ObjectiveConfig:
     # Where residuals are measured: "model" (the network's own output) or "x0" (every prediction and target
     # converted to the x0 it implies, DDSPO's SD3 recipe; needs the process, x_t and t).
     residual_space: Literal["model", "x0"] = "model"
+    # An anchor to the reference: ``anchor`` × the mean squared distance between the policy's and the reference's
+    # outputs on both branches (for Gaussian reverse transitions, a per-timestep KL up to a weight). 0 = off;
+    # it bounds how far on-policy rounds can drift where the sigmoid no longer does (docs/rounds.md).
+    anchor: float = 0.0
     safeguard: SafeguardConfig | None = None
 
     def __post_init__(self):
@@ -98,6 +102,8 @@ class ObjectiveConfig:
             raise ValueError(f"objective.dmpo_alpha={self.dmpo_alpha}: expected a value in (0, 1)")
         if self.dspo_form != "sd15" and self.loss != "dspo":
             raise ValueError(f"objective.dspo_form={self.dspo_form!r} applies to loss='dspo' only (loss={self.loss!r})")
+        if not self.anchor >= 0.0:
+            raise ValueError(f"objective.anchor={self.anchor}: expected a weight >= 0 (0 = off)")
         if not self.dspo_sdxl_threshold >= 0.0:
             raise ValueError(f"objective.dspo_sdxl_threshold={self.dspo_sdxl_threshold}: expected a value >= 0")
 
@@ -295,6 +301,11 @@ def preference_loss(
         per_pair = per_pair * t_weight  # DDSPO's SDXL recipe: mean over pairs of t/(T−1)·loss
         metrics["timestep_weight_mean"] = t_weight.mean()
     loss = per_pair.mean()
+    if cfg.anchor > 0:
+        drift = 0.5 * ((policy_w.float() - ref_w.detach().float()).pow(2).flatten(1).mean(1)
+                       + (policy_l.float() - ref_l.detach().float()).pow(2).flatten(1).mean(1))
+        loss = loss + cfg.anchor * drift.mean()
+        metrics["anchor_drift"] = drift.detach().mean()
 
     with torch.no_grad():
         metrics.update(

@@ -185,6 +185,22 @@ def train_specs() -> tuple[PromptSpec, ...]:
     return tuple(s for s in all_specs() if not is_heldout(s))
 
 
+#: every VALIDATION_EVERY-th training spec forms the validation split (24 of 168): checkpoint selection
+#: looks at these, never at the held-out test prompts
+VALIDATION_EVERY = 7
+
+
+def validation_specs() -> tuple[PromptSpec, ...]:
+    """Training-distribution specs set aside for checkpoint selection (24 of the 168 training specs)."""
+    return train_specs()[::VALIDATION_EVERY]
+
+
+def fit_specs() -> tuple[PromptSpec, ...]:
+    """The training specs without the validation split (144): the rollout prompts when selection is on."""
+    val = set(validation_specs())
+    return tuple(s for s in train_specs() if s not in val)
+
+
 def heldout_specs() -> tuple[PromptSpec, ...]:
     """Specs reserved for evaluation of compositional generalisation (48 of 216)."""
     return tuple(s for s in all_specs() if is_heldout(s))

@@ -8,7 +8,10 @@ SD-style folder does (:class:`pipeline.backbones.unet.UNetBackbone`):
 * text encoder — a 2-layer, 64-wide ``CLIPTextModel``;
 * denoiser — a pixel-space ``UNet2DConditionModel`` at 32×32 with channels (16, 32, 64) and cross-attention
   only at 8×8 (attention at full resolution makes a CPU training step many times slower; docs/toyworld.md);
-* scheduler — ``DDPMScheduler``, linear β, ε-prediction, x0 clipped to the image range when sampling.
+* scheduler — ``DDPMScheduler``, linear β rescaled to zero terminal SNR, v-prediction, "trailing" timestep
+  spacing (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed": the last training
+  step is pure noise, so sampling starts from what the model was trained on), x0 clipped to the image range.
+  ``build_scheduler("epsilon")`` rebuilds the first reference's ε-prediction process (docs/toyworld.md).
 
 ``jobs/pretrain_toy.py`` trains it; the weights (a few MB) ship in ``reference_model/`` next to this file.
 """
@@ -73,8 +76,17 @@ def build_unet() -> UNet2DConditionModel:
     )
 
 
-def build_scheduler() -> DDPMScheduler:
+#: The shipped reference's parameterization; "epsilon" is the first reference's (ε on a linear schedule).
+PREDICTION_TYPES = ("v_prediction", "epsilon")
+
+
+def build_scheduler(prediction_type: str = "v_prediction") -> DDPMScheduler:
+    """v-prediction on zero-terminal-SNR betas (the default), or the ε-prediction linear schedule."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
+    v = prediction_type == "v_prediction"
     return DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-        prediction_type="epsilon", clip_sample=True, clip_sample_range=1.0,
+        prediction_type=prediction_type, clip_sample=True, clip_sample_range=1.0,
+        rescale_betas_zero_snr=v, timestep_spacing="trailing" if v else "leading",
     )

@@ -51,6 +51,7 @@ class ObjectiveSpec:
     dspo_form: Literal["sd15", "sdxl"] | None = None
     timestep_weighting: Literal["none", "linear"] | None = None
     residual_space: Literal["model", "x0"] | None = None
+    anchor: float | None = None  # weight of the squared distance to the reference's outputs (0 = off)
     safeguard: SafeguardSpec | None = None  # None: off
 
     def __post_init__(self):
@@ -78,6 +79,7 @@ class TrainConfig:
     model: str = str(REFERENCE_DIR)
     init_weights: str = ""  # denoiser.safetensors of a previous round's policy ("" = the model's own weights)
     reference_weights: str = ""  # the reference's denoiser ("" = the model folder's own weights)
+    init_optimizer: str = ""  # a previous run's optimizer state (torch file, full state dict; "" = a fresh AdamW)
     objective: ObjectiveSpec = field(default_factory=ObjectiveSpec)
     lora_rank: int = 0
     lr: float = 1e-5

@@ -173,6 +173,8 @@ class TrainEngine:
         self.named = [(n, p) for n, p in self.backbone.denoiser.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        if cfg.init_optimizer:  # carried over from a previous round: Adam's moments and step count continue
+            self._load_optimizer(torch.load(cfg.init_optimizer, map_location="cpu", weights_only=True))
         self.ema = {n: p.detach().clone() for n, p in self.named} if cfg.ema_decay else None
         self.objective = cfg.objective_config()
         self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
@@ -280,12 +282,11 @@ class TrainEngine:
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict, data: PairData | None = None) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.backbone.denoiser, state["model"], options=opts)
+        set_model_state_dict(self.backbone.denoiser, state["model"], options=StateDictOptions(full_state_dict=True))
         if state.get("optimizer") is not None:
-            set_optimizer_state_dict(self.backbone.denoiser, self.optimizer, state["optimizer"], options=opts)
+            self._load_optimizer(state["optimizer"])
         if self.ema is not None and state.get("ema") is not None:
             for n, e in self.ema.items():
                 _assign(e, state["ema"][n])
@@ -298,6 +299,12 @@ class TrainEngine:
         if state.get("sampler") is not None and data is not None:
             self.sampler = self._new_sampler(data)
             self.sampler.load_state_dict(state["sampler"])
+
+    def _load_optimizer(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.backbone.denoiser, self.optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
 
     def policy_weights(self) -> dict[str, torch.Tensor]:
         """The weights to evaluate and ship: the full denoiser with the trainable parameters replaced by their

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Sequence
 
+import pyarrow as pa
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -29,14 +31,20 @@ class TrainingFailed(RuntimeError):
     """The workers stopped on a deterministic error (the message is theirs)."""
 
 
-def run_training(cfg: TrainConfig, pairs: str | Path, storage: str | Path, name: str, *, max_failures: int = 2,
-                 logdir: str | Path | None = None, progress: bool = True):
-    """Train on a pairs dataset; returns Ray Train's ``Result`` (``result.checkpoint`` is the last one).
+def run_training(cfg: TrainConfig, pairs: str | Path | Sequence[str | Path], storage: str | Path, name: str, *,
+                 max_failures: int = 2, logdir: str | Path | None = None, progress: bool = True,
+                 keep_checkpoints: int | None = 2):
+    """Train on a pairs dataset (or several, concatenated: replayed rounds); returns Ray Train's ``Result``
+    (``result.checkpoint`` is the last one).
 
     Every ``log_every`` steps the metrics go to TensorBoard event files and ``progress.jsonl`` in ``logdir``
     (default ``<storage>/<name>/tensorboard``); with ``progress`` this process prints them as step lines
-    (``pipeline/utils/progress.py``: ``tail_training``)."""
-    table = read_pairs(pairs)  # validate the schema, checksums and values before any worker starts
+    (``pipeline/utils/progress.py``: ``tail_training``). ``keep_checkpoints``: how many to keep (None = all,
+    for checkpoint selection)."""
+    sources = [pairs] if isinstance(pairs, (str, Path)) else list(pairs)
+    # validate the schema, checksums and values before any worker starts
+    table = pa.concat_tables([read_pairs(p) for p in sources])
+    pairs = ", ".join(str(p) for p in sources)
     if table.num_rows < cfg.batch_size * cfg.num_workers:
         raise ValueError(f"{pairs}: {table.num_rows} pairs, fewer than one batch per worker "
                          f"({cfg.batch_size} × {cfg.num_workers} workers)")
@@ -50,7 +58,7 @@ def run_training(cfg: TrainConfig, pairs: str | Path, storage: str | Path, name:
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
                              callbacks=[MetricsTracker(Path(logdir or Path(storage) / name / "tensorboard").resolve(),
                                                        cfg.report_to, run_name=name, mlflow_uri=cfg.mlflow_uri,
                                                        params=to_dict(cfg), max_steps=cfg.max_steps)]),
