@@ -85,9 +85,8 @@ def _sample_batch(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[in
         if flow:
             x, std = _flow_step(x, pred, float(scheduler.sigmas[i]), float(scheduler.sigmas[i + 1]), cfg.eta, z)
         else:
-            x = scheduler.step(pred, t, x, eta=cfg.eta, variance_noise=z).prev_sample
             prev_t = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-            std = cfg.eta * math.sqrt(_ddim_variance(scheduler, int(t), prev_t))
+            x, std = _ddim_step(scheduler, pred, int(t), prev_t, x, cfg.eta, z)
         if std > 0:
             lp = (-0.5 * z.pow(2) - math.log(std) - 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
         else:
@@ -115,11 +114,40 @@ def _flow_step(x: Tensor, velocity: Tensor, sigma_t: float, sigma_s: float, eta:
     return mean + std * z, std
 
 
+def _ddim_step(scheduler: DDIMScheduler, pred: Tensor, t: int, prev_t: int, x: Tensor, eta: float,
+               z: Tensor) -> tuple[Tensor, float]:
+    """DDIM's step (``DDIMScheduler.step``: same arithmetic, same ``clip_sample``), with its one fragile term made
+    safe: at a zero-terminal-SNR first step (ᾱ_t = 0) and η = 1, ``1 − ᾱ_prev − σ_t²`` is zero in exact arithmetic
+    and can round below it, which makes diffusers' step return NaN for some grids (10 trailing steps)."""
+    c = scheduler.config
+    if c.thresholding:
+        raise ValueError("sampler: the scheduler's 'thresholding' is not supported; set it false in scheduler_config.json")
+    a_t = scheduler.alphas_cumprod[t]
+    a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    b_t = 1 - a_t
+    if c.prediction_type == "epsilon":
+        x0, eps = (x - b_t**0.5 * pred) / a_t**0.5, pred
+    elif c.prediction_type == "v_prediction":
+        x0, eps = a_t**0.5 * x - b_t**0.5 * pred, a_t**0.5 * pred + b_t**0.5 * x
+    elif c.prediction_type == "sample":
+        x0, eps = pred, (x - a_t**0.5 * pred) / b_t**0.5
+    else:
+        raise ValueError(f"sampler: prediction_type {c.prediction_type!r} is not supported")
+    if c.clip_sample:
+        x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
+    std = eta * _ddim_variance(scheduler, t, prev_t) ** 0.5
+    direction = (1 - a_prev - std**2).clamp(min=0) ** 0.5 * eps
+    out = a_prev**0.5 * x0 + direction
+    if eta > 0:
+        out = out + std * z
+    return out.to(x.dtype), float(std)
+
+
 def _ddim_variance(scheduler: DDIMScheduler, t: int, prev_t: int) -> float:
     """DDIM's σ_t² at η = 1, i.e. the DDPM posterior variance between the two grid points."""
     a_t = scheduler.alphas_cumprod[t]
     a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
-    return float((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    return (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
 
 
 def sample(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], cfg: SamplerConfig = SamplerConfig(),

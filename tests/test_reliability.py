@@ -37,6 +37,14 @@ def rewrite_value(src: Path, dst: Path, column: str, row: int, index: int, value
     pq.write_table(table, dst)
 
 
+@pytest.fixture(scope="module")
+def tiny_pairs(tiny_pairs_dataset):
+    """The session's tiny pairs (their Parquet folder), without a Ray in this process: the tests here read them or
+    hand them to jobs that start a Ray of their own (an idle one here would only take CPU from theirs); the one
+    test that runs Ray Train in this process starts and stops its own."""
+    return tiny_pairs_dataset / "pairs"
+
+
 @pytest.fixture()
 def dataset(tiny_pairs, tmp_path):
     """A private copy of a finished dataset (manifest.json + pairs/), so a test may corrupt it."""
@@ -316,14 +324,20 @@ def test_a_deterministic_worker_error_fails_at_once_without_retries(tiny_pairs, 
     workers (a retried failure would surface as Ray's own error after max_failures restarts)."""
     import shutil
 
+    import ray
+
     from pipeline.training.trainer import TrainingFailed, run_training
 
     broken = tmp_path / "no_unet"
     shutil.copytree(tiny_toy_model_dir, broken)
     shutil.rmtree(broken / "unet")
     cfg = TrainConfig(model=str(broken), max_steps=2, batch_size=2)
-    with pytest.raises(TrainingFailed, match=r"FileNotFoundError: .*no_unet.*unet/"):
-        run_training(cfg, tiny_pairs, tmp_path / "ray", "broken", max_failures=2)
+    ray.init(address="local", num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    try:
+        with pytest.raises(TrainingFailed, match=r"FileNotFoundError: .*no_unet.*unet/"):
+            run_training(cfg, tiny_pairs, tmp_path / "ray", "broken", max_failures=2)
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.slow

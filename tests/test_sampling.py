@@ -53,3 +53,29 @@ def test_bad_sampler_config(kwargs, field):
 def test_seed_count_must_match(tiny_toy_backbone):
     with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
         sample(tiny_toy_backbone, PROMPTS[:2], [1])
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_ddim_step_is_diffusers_step_and_finite_at_zero_terminal_snr(prediction_type):
+    """Our DDIM step equals ``DDIMScheduler.step`` wherever that is finite, and stays finite on the grids where
+    diffusers' rounds ``1 − ᾱ_prev − σ²`` below zero at ᾱ_T = 0 (the v-prediction world's 10-step rollouts)."""
+    from diffusers import DDIMScheduler
+
+    from pipeline.sampling import _ddim_step
+    from pipeline.toyworld.reference import build_scheduler
+
+    scheduler = DDIMScheduler.from_config(build_scheduler(prediction_type).config)
+    g = torch.Generator().manual_seed(0)
+    for steps in (4, 10, 20):
+        scheduler.set_timesteps(steps)
+        x = torch.randn(2, 3, 8, 8, generator=g)
+        ours = x.clone()
+        for t in scheduler.timesteps:
+            pred, z = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+            prev_t = int(t) - 1000 // steps
+            ours, std = _ddim_step(scheduler, pred, int(t), prev_t, x, 1.0, z)
+            theirs = scheduler.step(pred, t, x, eta=1.0, variance_noise=z).prev_sample
+            assert torch.isfinite(ours).all() and std >= 0
+            if torch.isfinite(theirs).all():
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+            x = ours

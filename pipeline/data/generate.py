@@ -183,7 +183,7 @@ def generate(cfg: GenerationConfig, out: str | Path) -> dict:
     ``out`` must be absent, empty, or a finished dataset of this project: anything else is refused before
     any work starts and left untouched (:func:`existing_output`).
     """
-    out = Path(out)
+    out = Path(out).absolute()  # Ray's workers write it, and their working directory is not this process's
     manifest = existing_output(cfg, out)
     if manifest is not None:
         return {**manifest, "skipped": True}
