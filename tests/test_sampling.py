@@ -79,3 +79,16 @@ def test_ddim_step_is_diffusers_step_and_finite_at_zero_terminal_snr(prediction_
             if torch.isfinite(theirs).all():
                 torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
             x = ours
+
+
+def test_the_shipped_reference_rolls_out_finite_images_at_the_rollout_grid():
+    """The embedded default rolls out the shipped v-prediction reference with 10 trailing steps: the grid whose
+    first step sits at ᾱ = 0 (diffusers' DDIM step returned NaN there, and every rollout tied)."""
+    from pipeline.backbones import load_backbone
+    from pipeline.toyworld.reference import REFERENCE_DIR
+
+    backbone = load_backbone(REFERENCE_DIR)
+    for steps in (10, 20):
+        out = sample(backbone, PROMPTS[:2], [0, 1], SamplerConfig(num_steps=steps, guidance_scale=3.0, eta=1.0))
+        assert torch.isfinite(out.images).all() and torch.isfinite(out.log_probs).all()
+        assert float(out.images.std()) > 0.05  # drew something, not a constant
