@@ -38,6 +38,10 @@ VARIANTS: dict[str, list[str]] = {
     "carry-optimizer": ["carry_optimizer=true"],
     "anchor": ["train.objective.anchor=20000"],
     "beta-5000": ["train.objective.beta=5000"],
+    "beta-2000": ["train.objective.beta=2000"],
+    "beta-2000-refresh": ["train.objective.beta=2000", "reference=refresh"],
+    "beta-500-lr2e-4": ["train.objective.beta=500", "train.lr=2e-4"],
+    "beta-500-lr2e-4-refresh": ["train.objective.beta=500", "train.lr=2e-4", "reference=refresh"],
     "safeguard": ["train.objective.safeguard.mu=0.9"],
     "margin-0.3": ["generation.min_reward_gap=0.3"],
     "replay-1": ["replay=1"],
@@ -47,17 +51,20 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-#: variants whose switches act from round 1 on: their round 0 is the baseline's, bit for bit, and is copied from
-#: its run (``run --reuse-round0``) instead of being computed again
-FROM_ROUND_1 = {"refresh", "ema-reference", "lr-decay"}
+#: variants whose switches act from round 1 on → the variant whose round 0 is theirs, bit for bit (the same
+#: round-0 config); ``run --reuse-round0`` copies it from that run instead of computing it again
+ROUND0_FROM = {"refresh": "baseline", "ema-reference": "baseline", "lr-decay": "baseline",
+               "beta-2000-refresh": "beta-2000", "beta-500-lr2e-4-refresh": "beta-500-lr2e-4"}
 
 
 def _reuse_round0(name: str) -> bool:
-    """Seed the variant's run directory with the baseline's reference evaluation and round 0."""
+    """Seed the variant's run directory with its base variant's reference evaluation and round 0."""
     import shutil
 
-    src, dst = WORK / "baseline", WORK / name
-    if name not in FROM_ROUND_1 or not (src / "round_0" / "_COMPLETE").exists() or (dst / "round_0").exists():
+    if name not in ROUND0_FROM:
+        return False
+    src, dst = WORK / ROUND0_FROM[name], WORK / name
+    if not (src / "round_0" / "_COMPLETE").exists() or (dst / "round_0").exists():
         return False
     dst.mkdir(parents=True, exist_ok=True)
     for part in ("reference_eval", "round_0"):
@@ -131,6 +138,7 @@ def render(results: list[dict]) -> str:
     verdicts = []
     for res in results:
         rows, pairs = res["rows"], res["pairs"]
+        copied = f" (round 0 copied from {ROUND0_FROM.get(res['variant'], 'baseline')})" if res.get("round0_from_baseline") else ""
         v = compounds(rows)
         verdicts.append([res["variant"], " ".join(res.get("overrides", [])[1:]) or "(default)",
                          fmt_ci(rows[-1]["delta_vs_ref"], signed=True), _f((rows[-1].get("overall") or {}).get("mean")),
@@ -153,7 +161,7 @@ def render(results: list[dict]) -> str:
                 _f((drift.get("seed_diversity") or {}).get("mean")),
             ])
         out += [f"## {res['variant']}", "", f"Overrides: `{' '.join(res.get('overrides', []))}`; "
-                f"{res.get('seconds', 0) / 60:.1f} min{' (round 0 copied from baseline)' if res.get('round0_from_baseline') else ''}; compounds: {'yes' if v['compounds'] else 'no'} "
+                f"{res.get('seconds', 0) / 60:.1f} min{copied}; compounds: {'yes' if v['compounds'] else 'no'} "
                 f"(every round ≥ previous: {v.get('every_round_rises')}, final interval above 0 and round 0: "
                 f"{v.get('final_above_round0')}).", "",
                 markdown_table(["round", "reward", "Δ vs ref", "Δ vs prev", "all attr.", "pairs", "gap", "w–l dist.",
@@ -182,7 +190,8 @@ def main(argv=None) -> int:
     r.add_argument("variants", nargs="+")
     r.add_argument("--rounds", type=int, default=3)
     r.add_argument("--reuse-round0", action="store_true",
-                   help=f"variants acting from round 1 on ({', '.join(sorted(FROM_ROUND_1))}) copy the baseline's round 0")
+                   help="variants acting from round 1 on (" + ", ".join(f"{k} ← {v}" for k, v in ROUND0_FROM.items())
+                   + ") copy their base variant's round 0")
     sub.add_parser("report", help="render bench/results/rounds.md")
     sub.add_parser("list", help="print the variants")
     args = p.parse_args(argv)

@@ -391,12 +391,17 @@ def _summary_row(name: str, ev: dict, ref: dict, prev: dict, train: dict, pairs:
 #: the trained-for reward rises; a background this much brighter than the reference's; seed diversity below
 #: this share of the reference's
 GOLD_DROP, BRIGHTNESS_RISE, DIVERSITY_SHARE = 0.0, 0.10, 0.5
+#: colour entropy (bits) above the reference's by more than this: speckled, many-hued pixels (noise the detector
+#: reads as colour); the rollouts' reward on the training prompts below the reference's by more than this: the
+#: policy left the distribution it is trained on (docs/rounds.md, "β = 500")
+ENTROPY_RISE, TRAIN_REWARD_DROP = 0.5, 0.05
 
 
 def hacking_warnings(rows: list[dict]) -> list[str]:
     """Signs that the last round gamed the reward rather than aligned the model: the reward it was trained on
     rose while the gold metric (GenEval-strict on held-out prompts, not trained on) fell, or the drift
-    statistics left the reference's range (a brighter background, samples of one prompt collapsing)."""
+    statistics left the reference's range (a brighter background, speckled many-hued pixels, samples of one prompt
+    collapsing), or the previous round's policy scores clearly worse than the reference on the training prompts."""
     if len(rows) < 2:
         return []
     ref, prev, last = rows[0], rows[-2], rows[-1]
@@ -415,6 +420,15 @@ def hacking_warnings(rows: list[dict]) -> list[str]:
         d, d0 = drift["seed_diversity"]["mean"], base["seed_diversity"]["mean"]
         if d0 > 0 and d < DIVERSITY_SHARE * d0:
             out.append(f"{name}: diversity across seeds {d:.3f}, below {DIVERSITY_SHARE:.0%} of the reference's {d0:.3f}")
+    if "colour_entropy" in drift and "colour_entropy" in base:
+        e, e0 = drift["colour_entropy"]["mean"], base["colour_entropy"]["mean"]
+        if e > e0 + ENTROPY_RISE:
+            out.append(f"{name}: colour entropy {e:.2f} bits vs the reference's {e0:.2f} (speckled, many-hued pixels)")
+    # row k's rollouts are round k−1's policy on the training prompts; row 1's (round 0's) are the reference's
+    first, now = (rows[1].get("rollout_reward") if len(rows) > 1 else None), last.get("rollout_reward")
+    if len(rows) > 2 and first is not None and now is not None and now < first - TRAIN_REWARD_DROP:
+        out.append(f"{prev['round']}'s policy scores {now:.3f} on the training prompts, below the reference's "
+                   f"{first:.3f}: it left the distribution it is trained on")
     return out
 
 

@@ -221,10 +221,11 @@ def test_render_reproduces_the_committed_results_md(tmp_path):
 def test_hacking_warnings_fire_on_gold_falling_brighter_backgrounds_and_collapse():
     from pipeline.rounds import hacking_warnings
 
-    def row(name, reward_rise, gold, bright=0.05, diversity=0.2):
+    def row(name, reward_rise, gold, bright=0.05, diversity=0.2, entropy=0.8, rollout=None):
         return {"round": name, "delta_vs_prev": None if reward_rise is None else {"mean": reward_rise},
-                "overall": {"mean": gold}, "drift": {"background_brightness": {"mean": bright},
-                                                     "seed_diversity": {"mean": diversity}}}
+                "overall": {"mean": gold}, "rollout_reward": rollout,
+                "drift": {"background_brightness": {"mean": bright}, "seed_diversity": {"mean": diversity},
+                          "colour_entropy": {"mean": entropy}}}
 
     ref = row("reference", None, 0.10)
     assert hacking_warnings([ref, row("round 0", +0.05, 0.20)]) == []  # reward and gold both up
@@ -235,3 +236,9 @@ def test_hacking_warnings_fire_on_gold_falling_brighter_backgrounds_and_collapse
     assert "background brightness 0.300" in bright
     [collapse] = hacking_warnings([ref, row("round 0", +0.05, 0.20, diversity=0.05)])
     assert "diversity across seeds 0.050" in collapse
+    [speckle] = hacking_warnings([ref, row("round 0", +0.17, 0.20, entropy=2.36)])
+    assert "colour entropy 2.36 bits vs the reference's 0.80" in speckle
+    steady = [ref, row("round 0", +0.05, 0.20, rollout=0.60), row("round 1", +0.02, 0.25, rollout=0.58)]
+    assert hacking_warnings(steady) == []
+    [left] = hacking_warnings([*steady[:2], row("round 1", -0.12, 0.25, rollout=0.48)])
+    assert "round 0's policy scores 0.480 on the training prompts, below the reference's 0.600" in left
