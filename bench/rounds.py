@@ -40,6 +40,10 @@ VARIANTS: dict[str, list[str]] = {
     "beta-5000": ["train.objective.beta=5000"],
     "beta-2000": ["train.objective.beta=2000"],
     "beta-2000-refresh": ["train.objective.beta=2000", "reference=refresh"],
+    "beta-2000-carry-optimizer": ["train.objective.beta=2000", "carry_optimizer=true"],
+    "beta-2000-carry-safeguard": ["train.objective.beta=2000", "carry_optimizer=true",
+                                  "train.objective.safeguard.mu=0.9"],
+    "beta-2000-carry-anchor": ["train.objective.beta=2000", "carry_optimizer=true", "train.objective.anchor=20000"],
     "beta-500-lr2e-4": ["train.objective.beta=500", "train.lr=2e-4"],
     "beta-500-lr2e-4-refresh": ["train.objective.beta=500", "train.lr=2e-4", "reference=refresh"],
     "safeguard": ["train.objective.safeguard.mu=0.9"],
@@ -72,6 +76,16 @@ def _reuse_round0(name: str) -> bool:
     return True
 
 
+def _machine() -> str:
+    """The CPU model and core count: results are deterministic on one machine, not across machines."""
+    import os
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} cores"
+
+
 def run(names: list[str], rounds: int, reuse_round0: bool = False) -> None:
     for name in names:
         if name not in VARIANTS:
@@ -84,7 +98,7 @@ def run(names: list[str], rounds: int, reuse_round0: bool = False) -> None:
         t0 = time.time()
         subprocess.run(cmd, check=True, cwd=ROOT)
         record = {"variant": name, "overrides": overrides, "seconds": round(time.time() - t0, 1),
-                  "round0_from_baseline": reused}
+                  "round0_from_baseline": reused, "machine": _machine()}
         (WORK / name / "bench_record.json").write_text(json.dumps(record, indent=1))
 
 
@@ -132,7 +146,7 @@ def render(results: list[dict]) -> str:
            "Each variant is `python jobs/iterative_sipo.py --set rounds=N <overrides>` on the embedded default; "
            "48 held-out prompts × 4 seeds shared by every round; intervals are 95 % bootstrap intervals over "
            "prompts (pipeline/stats.py). Deterministic on one machine, not across machines. "
-           "Columns: docs/rounds.md. A variant acting from round 1 on may reuse the baseline's round 0 "
+           "Columns: docs/rounds.md. A variant acting from round 1 on may reuse its base variant's round 0 "
            "(identical by construction; noted per variant).", ""]
     out: list[str] = []
     verdicts = []
@@ -158,15 +172,16 @@ def render(results: list[dict]) -> str:
                 _f(t.get("loss")), _f(t.get("implicit_acc")), _f(t.get("logit_mean")),
                 _f(winner_drift, signed=True) if winner_drift is not None else "–",
                 _f((drift.get("background_brightness") or {}).get("mean")),
+                _f((drift.get("colour_entropy") or {}).get("mean")),
                 _f((drift.get("seed_diversity") or {}).get("mean")),
             ])
         out += [f"## {res['variant']}", "", f"Overrides: `{' '.join(res.get('overrides', []))}`; "
-                f"{res.get('seconds', 0) / 60:.1f} min{copied}; compounds: {'yes' if v['compounds'] else 'no'} "
+                f"{res.get('seconds', 0) / 60:.1f} min{copied}{'; ' + res['note'] if res.get('note') else ''}; machine: {res.get('machine', 'not recorded')}; compounds: {'yes' if v['compounds'] else 'no'} "
                 f"(every round ≥ previous: {v.get('every_round_rises')}, final interval above 0 and round 0: "
                 f"{v.get('final_above_round0')}).", "",
                 markdown_table(["round", "reward", "Δ vs ref", "Δ vs prev", "all attr.", "pairs", "gap", "w–l dist.",
                                 "rollout reward", "loss", "impl. acc", "logit", "winner resid. − ref",
-                                "bg bright.", "diversity"], table), ""]
+                                "bg bright.", "colour entropy", "diversity"], table), ""]
     summary = markdown_table(["variant", "overrides", "final Δ vs ref", "final all attr.", "compounds", "minutes"],
                              verdicts)
     return "\n".join(head + ["## Summary", "", summary, ""] + out)
