@@ -425,7 +425,7 @@ def hacking_warnings(rows: list[dict]) -> list[str]:
         if e > e0 + ENTROPY_RISE:
             out.append(f"{name}: colour entropy {e:.2f} bits vs the reference's {e0:.2f} (speckled, many-hued pixels)")
     # row k's rollouts are round k−1's policy on the training prompts; row 1's (round 0's) are the reference's
-    first, now = (rows[1].get("rollout_reward") if len(rows) > 1 else None), last.get("rollout_reward")
+    first, now = rows[1].get("rollout_reward"), last.get("rollout_reward")
     if len(rows) > 2 and first is not None and now is not None and now < first - TRAIN_REWARD_DROP:
         out.append(f"{prev['round']}'s policy scores {now:.3f} on the training prompts, below the reference's "
                    f"{first:.3f}: it left the distribution it is trained on")

@@ -135,19 +135,13 @@ def _ddim_step(scheduler: DDIMScheduler, pred: Tensor, t: int, prev_t: int, x: T
         raise ValueError(f"sampler: prediction_type {c.prediction_type!r} is not supported")
     if c.clip_sample:
         x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
-    std = eta * _ddim_variance(scheduler, t, prev_t) ** 0.5
+    variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)  # DDIM's σ_t² at η = 1: the DDPM posterior variance
+    std = eta * variance**0.5
     direction = (1 - a_prev - std**2).clamp(min=0) ** 0.5 * eps
     out = a_prev**0.5 * x0 + direction
     if eta > 0:
         out = out + std * z
     return out.to(x.dtype), float(std)
-
-
-def _ddim_variance(scheduler: DDIMScheduler, t: int, prev_t: int) -> float:
-    """DDIM's σ_t² at η = 1, i.e. the DDPM posterior variance between the two grid points."""
-    a_t = scheduler.alphas_cumprod[t]
-    a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
-    return (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
 
 
 def sample(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], cfg: SamplerConfig = SamplerConfig(),
