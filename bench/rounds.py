@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.utils.machine import describe_machine
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / "work" / "rounds"
 RESULTS = ROOT / "bench" / "results" / "rounds"
@@ -52,6 +54,7 @@ VARIANTS: dict[str, list[str]] = {
     "lr-decay": ["lr_decay=0.6"],
     "select-validation": ["select.name=validation", "generation.prompts=toy:fit"],
     "batch-32": ["train.batch_size=32", "train.max_steps=40", "train.lr=1e-4", "train.checkpoint_every=20"],
+    "batch-32-150": ["train.batch_size=32"],
 }
 
 
@@ -76,16 +79,6 @@ def _reuse_round0(name: str) -> bool:
     return True
 
 
-def _machine() -> str:
-    """The CPU model and core count: results are deterministic on one machine, not across machines."""
-    import os
-
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} cores"
-
-
 def run(names: list[str], rounds: int, reuse_round0: bool = False) -> None:
     for name in names:
         if name not in VARIANTS:
@@ -98,7 +91,7 @@ def run(names: list[str], rounds: int, reuse_round0: bool = False) -> None:
         t0 = time.time()
         subprocess.run(cmd, check=True, cwd=ROOT)
         record = {"variant": name, "overrides": overrides, "seconds": round(time.time() - t0, 1),
-                  "round0_from_baseline": reused, "machine": _machine()}
+                  "round0_from_baseline": reused, "machine": describe_machine()}
         (WORK / name / "bench_record.json").write_text(json.dumps(record, indent=1))
 
 
