@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import apply_overrides, build, to_dict
+from pipeline.config import apply_overrides, build, fingerprint, to_dict
 from pipeline.utils.atomic import atomic_write_bytes
 from pipeline.utils.machine import describe_machine
 
@@ -81,40 +81,32 @@ def round0_pairs(cfg):
     return PairData.from_table(read_pairs(out / "pairs")), manifest
 
 
-def evaluate_both(cfg, weights: dict | None) -> dict:
-    """Held-out and validation rewards of a policy (``None``: the reference), per prompt and seed."""
+def evaluate_both(cfg, weights: str) -> dict:
+    """Held-out and validation rewards, per prompt and seed, of a policy (a denoiser weights file; "" = the
+    reference): held-out by the job's own round evaluation, validation with the rollouts' sampler."""
     from pipeline.backbones import load_backbone
     from pipeline.data.prompts import load_prompts
     from pipeline.evaluation import evaluate
+    from pipeline.rounds import _evaluate_here
 
-    backbone = load_backbone(cfg.model, device="cpu")
-    if weights is not None:
-        backbone.denoiser.load_state_dict(weights, strict=True)
-    held = [r["prompt"] for r in load_prompts(cfg.eval.prompts, limit=cfg.eval.num_prompts)]
+    heldout, _ = _evaluate_here(cfg, weights)
+    backbone = load_backbone(cfg.model, device="cpu", weights=weights)
     val = [r["prompt"] for r in load_prompts(VALIDATION)]
-    h, _ = evaluate(backbone, held, samples_per_prompt=cfg.eval.samples, sampler=cfg.eval.sampler, progress=False)
     v, _ = evaluate(backbone, val, samples_per_prompt=VALIDATION_SAMPLES, sampler=cfg.generation.sampler,
                     progress=False)
-    return {"heldout": h.to_dict(), "validation": v.to_dict()}
+    return {"heldout": heldout, "validation": v.to_dict()}
 
 
 def reference_eval(cfg) -> dict:
     """The reference's evaluation, cached per evaluation setting (every variant of one setting shares it)."""
-    key = json.dumps([to_dict(cfg.eval), to_dict(cfg.generation.sampler), cfg.model, VALIDATION,
-                      VALIDATION_SAMPLES], sort_keys=True)
-    path = WORK / f"reference-{_digest(key)}.json"
+    key = [to_dict(cfg.eval), to_dict(cfg.generation.sampler), cfg.model, VALIDATION, VALIDATION_SAMPLES]
+    path = WORK / f"reference-{fingerprint(key)[:12]}.json"
     if path.exists():
         return json.loads(path.read_text())
-    ev = evaluate_both(cfg, None)
+    ev = evaluate_both(cfg, "")
     WORK.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(ev).encode())
     return ev
-
-
-def _digest(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def train_and_snapshot(tc, data, eval_at: list[int], log=print) -> tuple[dict[int, dict], dict[int, dict]]:
@@ -149,6 +141,9 @@ def compare(ev: dict, ref: dict) -> dict:
 
 
 def run(names: list[str]) -> None:
+    from safetensors.torch import save
+
+    from pipeline.reporting import fmt_ci
     from pipeline.utils.driver import offline_mode, start_ray
     from pipeline.utils.run_record import guard_run_dir
 
@@ -169,10 +164,12 @@ def run(names: list[str]) -> None:
         snaps, metrics = train_and_snapshot(cfg.train_config(0, "", ""), data, spec["eval_at"], log)
         points = []
         for step in spec["eval_at"]:
-            cmp = compare(evaluate_both(cfg, snaps[step]), ref)
+            weights = WORK / name / f"policy_step_{step}.safetensors"
+            atomic_write_bytes(weights, save(snaps[step]))
+            cmp = compare(evaluate_both(cfg, str(weights)), ref)
             points.append({"step": step, "train": metrics[step], **cmp})
-            log(f"  step {step}: held-out Δ {_ci(cmp['heldout']['delta_vs_ref'])} · validation Δ "
-                f"{_ci(cmp['validation']['delta_vs_ref'])}")
+            log(f"  step {step}: held-out Δ {fmt_ci(cmp['heldout']['delta_vs_ref'], signed=True)} · validation Δ "
+                f"{fmt_ci(cmp['validation']['delta_vs_ref'], signed=True)}")
         result = {"variant": name, "overrides": spec["set"], "eval_at": spec["eval_at"], "machine": describe_machine(),
                   "seconds": round(time.time() - t0, 1),
                   "pairs": {k: manifest.get(k) for k in ("num_pairs", "mean_reward_gap", "mean_pair_distance",
@@ -185,12 +182,6 @@ def run(names: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _ci(m: dict | None) -> str:
-    from pipeline.reporting import fmt_ci
-
-    return fmt_ci(m, signed=True)
-
-
 def render(results: list[dict]) -> str:
     from pipeline.reporting import fmt_ci, fmt_num, markdown_table
 

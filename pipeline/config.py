@@ -207,7 +207,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def fingerprint(cfg: Any) -> str:
-    return hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    """A short digest of a config tree (or of plain JSON-able data): equal exactly when the data are equal."""
+    data = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def leaves(data: Any, path: str = "") -> dict[str, Any]:

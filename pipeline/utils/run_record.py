@@ -10,12 +10,11 @@ the record is updated to the new values.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import differences, to_dict
+from ..config import differences, fingerprint, to_dict
 from .atomic import atomic_write_bytes
 
 RECORD = "run_config.json"
@@ -60,8 +59,7 @@ def guard_run_dir(run_dir: str | Path, cfg: Any, *, job: str, resumable: Sequenc
             allowed = f" (only {', '.join(resumable)} may change on a rerun)" if resumable else ""
             raise ConfigMismatch(f"error: {run_dir} holds a run made with another config: {describe(diffs)}{allowed}; "
                                  f"choose another run directory to start a new run")
-    digest = hashlib.sha1(json.dumps(new, sort_keys=True).encode()).hexdigest()[:16]
-    record = {"job": job, "fingerprint": digest, "config": new}
+    record = {"job": job, "fingerprint": fingerprint(new), "config": new}
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(record, indent=1).encode())
     return record
