@@ -1,26 +1,31 @@
-"""The three papers' claims, tested on the toy world with several seeds → ``docs/results.md`` + plots.
+"""The three papers' claims, re-measured on toy world v2 through the product's own code → ``docs/results.md``.
 
-    python bench/claims.py                  # the full run on the shipped toy reference (≈ 45 min, 2 cores)
-    python bench/claims.py --quick --model DIR --out DIR     # the CI form: same code, tiny budgets
-    python bench/claims.py --render                          # rewrite results.md (+ β/round plots) from results.json
+    python bench/claims.py run sweep        # part 1: each method's β by an equal-budget sweep, chosen on validation prompts
+    python bench/claims.py run offline      # part 2: the methods at their own best β, 5 seeds; + the SDPO combinations
+    python bench/claims.py run sdpo         # part 3: SDPO Fig. 1/3 (aggressive lr); DDSPO on perturbation pairs
+    python bench/claims.py run online-0 online-1 online-2   # parts 4–6: SIPO Fig. A1, 5 online rounds, one seed each
+    python bench/claims.py render           # docs/results.md and its plots from every finished part
+    python bench/claims.py run all --quick --out DIR --work DIR   # the CI form: every part, tiny budgets
 
-Every arm starts from the same model and trains in-process with the product's training engine
-(``pipeline/training/engine.py``: the loop a Ray Train worker runs — AdamW, gradient clipping at 1, weight EMA) on Parquet pairs written by the real generator (Ray Data). Arms are judged
-on the held-out prompts with the evaluation seeds every arm shares, so a difference between two arms is
-*paired* per (prompt, seed); its 95 % interval is a bootstrap over prompts of the seed-averaged difference.
-Training-curve claims use a t interval over seeds. The verdict of every claim is computed from its interval
-— ``reproduces`` (excludes 0 in the claimed direction), ``contradicted`` (excludes 0 the other way) or
-``inconclusive`` — never written by hand.
+Each part fits well under 90 minutes on 2 cores and writes its own ``<out>/results/parts/<part>.json``
+(atomically, with its budget, machine and minutes), so a long re-measurement is a series of parts that each
+commit; ``render`` builds one report from whichever parts exist and names the ones still missing. Within a
+part every arm (one method, β and seed) is cached in ``--work`` under a fingerprint of what it trains and how
+it is judged, so an interrupted part resumes arm by arm; the work folder records the budget (the project's
+resume guard, ``pipeline/utils/run_record.py``) and refuses a rerun with another.
 
-(a) Diffusion-SDPO Fig. 1/3: at an aggressive learning rate Diffusion-DPO's winner loss climbs above the
-    reference's; the safeguard (output-space λ, the paper's μ = 0.9, and the exact parameter-space λ with
-    μ = 0) holds it down, and the reward ends higher.
-(b) DDSPO Table 1a: on the same perturbation pairs (winner from c, loser from c⁻, same seed), DDSPO's
-    score-space targets beat Diffusion-DPO.
-(c) SIPO Fig. 8c: across β, SIPO and DPO-C&M vary less than Diffusion-DPO and do not fall below the
-    reference at small β; SIPO Fig. A1: over online rounds (roll out, score, pair, train, repeat),
-    SIPO holds or improves while Diffusion-DPO degrades.
-(d) Diffusion-SDPO Table 4: the overhead of the safeguard (copied from ``bench/results/objectives.md``).
+What runs is what users run: pairs from the real generator (Ray Data, ``pipeline/data/generate.py``), every
+offline arm trained by the production engine in-process (``pipeline/training/engine.py: train_in_process``,
+the loop a Ray Train worker runs: AdamW, clipping, weight EMA), the online claim by the product's own round
+loop (``pipeline/rounds.py: run_rounds``, Ray Train and all), samples scored by ``pipeline/evaluation.py``.
+
+Protocol. Rollouts use the training prompts without the validation split (``toy:fit``). β is chosen per
+method on the validation split (``toy:val``) with sweep seeds of its own — never on the held-out test
+prompts the claims are judged on (``toy:heldout``), and never with the claims' seeds. A difference between
+two arms is paired per (prompt, sample seed); its 95 % interval is a bootstrap over prompts of the
+difference averaged over training seeds (``pipeline/stats.py``); training-curve numbers use a t interval
+over seeds. Each verdict is read off its interval (``reproduces`` / ``contradicted`` when it excludes 0, else
+``inconclusive``); the report gives each interval's half-width against the issue's target of 0.03.
 """
 
 from __future__ import annotations
@@ -28,413 +33,653 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from pipeline.backbones import load_backbone
-from pipeline.config import build
+from pipeline.config import build, fingerprint, merge
+from pipeline.data.prompts import load_prompts
 from pipeline.data.schema import read_pairs
 from pipeline.evaluation import evaluate
-from pipeline.reporting import fmt_ci, markdown_table
+from pipeline.reporting import fmt_ci, fmt_num, markdown_table
 from pipeline.sampling import SamplerConfig
-from pipeline.stats import mean_ci, paired_over_seeds, t_band, t_interval, verdict
-from pipeline.toyworld import heldout_specs
+from pipeline.stats import describe, paired_over_seeds, t_band, t_interval, verdict
 from pipeline.toyworld.reference import REFERENCE_DIR
 from pipeline.training import PairData, TrainConfig, train_in_process
 from pipeline.utils.atomic import atomic_write_bytes
 from pipeline.utils.driver import ElapsedLog, start_ray
+from pipeline.utils.machine import describe_machine
 from pipeline.utils.plots import plot_bands
+from pipeline.utils.run_record import guard_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+DPO_FAMILY = (500.0, 2000.0, 5000.0, 20000.0)  # β in this library's convention (docs/objectives.md)
+TARGET_HALF_WIDTH = 0.03
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How much of everything; ``FULL`` is the committed run, ``QUICK`` the CI form."""
+    """How much of everything; ``FULL`` is the committed run, ``QUICK`` the CI form (same code, tiny sizes)."""
 
-    prompts: int = 96  # toy:train prompts per rollout
+    fit_prompts: int = 0  # toy:fit prompts rolled out for the offline pairs (0 = all 144)
     samples_per_prompt: int = 4
     rollout_steps: int = 10
     min_reward_gap: float = 0.1
-    seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 80  # optimizer steps per arm
+    steps: int = 100  # optimizer steps per arm: the same for every method (an equal budget)
     batch_size: int = 8
-    lr: float = 5e-5  # the embedded default's
+    lr: float = 5e-5
     ema_decay: float = 0.98  # arms are judged on their EMA weights, as the job exports them
-    aggressive_lr: float = 1e-4  # claim (a)
-    aggressive_steps: int = 40
-    betas: tuple[float, ...] = (1000.0, 5000.0, 20000.0)
-    beta_seeds: tuple[int, ...] = (0, 1)
-    rounds: int = 3
-    round_prompts: int = 48
-    round_steps: int = 48
-    eval_prompts: int = 48
+    #: each method's β grid: four points, the same for the Diffusion-DPO family, so that Fig. 8c compares like with like
+    betas: dict = field(default_factory=lambda: {
+        "diffusion-dpo": DPO_FAMILY, "dpo-cm": DPO_FAMILY, "sipo": DPO_FAMILY, "dmpo": DPO_FAMILY,
+        "dspo": (0.001, 0.01, 0.1, 1.0),  # the SD 1.5 recipe's 0.001 and up: β scales z and the winner's shift
+        "ddspo": (2000.0, 5000.0, 16000.0, 50000.0)})
+    sweep_seeds: tuple[int, ...] = (100, 101)
+    val_prompts: int = 0  # toy:val (0 = all 24)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    eval_prompts: int = 0  # toy:heldout (0 = all 48)
     eval_samples: int = 2
     eval_steps: int = 20
+    aggressive_lr: float = 1e-4  # SDPO Fig. 1/3
+    aggressive_steps: int = 40
+    online_rounds: int = 5
+    online_seeds: tuple[int, ...] = (0, 1, 2)
+    online_prompts: int = 96  # toy:fit prompts rolled out per round
+    online_steps: int = 100
+    online_eval_samples: int = 4
     gen_batch: int = 64
     gen_actors: int = 2  # two single-threaded model actors are fastest on 2 cores (bench/results/generation.md)
 
 
 FULL = Budget()
-QUICK = Budget(prompts=6, samples_per_prompt=2, rollout_steps=2, min_reward_gap=0.0, seeds=(0, 1), steps=2, batch_size=2,
-               aggressive_steps=3, betas=(1000.0, 20000.0), beta_seeds=(0,), rounds=2, round_prompts=6, round_steps=2,
-               eval_prompts=3, eval_samples=1, eval_steps=2, gen_batch=8, gen_actors=1)
+QUICK = Budget(fit_prompts=6, samples_per_prompt=2, rollout_steps=2, min_reward_gap=0.0, steps=2, batch_size=2,
+               betas={"diffusion-dpo": (1000.0, 20000.0), "dpo-cm": (1000.0, 20000.0), "sipo": (1000.0, 20000.0),
+                      "dmpo": (1000.0, 20000.0), "dspo": (0.001, 0.1), "ddspo": (5000.0, 16000.0)},
+               sweep_seeds=(100,), val_prompts=3, seeds=(0, 1), eval_prompts=3, eval_samples=1, eval_steps=2,
+               aggressive_steps=3, online_rounds=2, online_seeds=(0,), online_prompts=4, online_steps=2,
+               online_eval_samples=1, gen_batch=8, gen_actors=1)
+
+ONLINE_ARMS = ("diffusion-dpo", "sipo")
+PRETTY = {"diffusion-dpo": "Diffusion-DPO", "dpo-cm": "DPO-C&M", "sipo": "SIPO", "dspo": "DSPO", "dmpo": "DMPO",
+          "ddspo": "DDSPO"}
+ONPOLICY = ("diffusion-dpo", "dpo-cm", "sipo", "dspo", "dmpo")  # trained on the reference's on-policy pairs
+PERTURB = ("diffusion-dpo", "ddspo")  # trained on perturbation pairs (winner from c, loser from c⁻, same seed)
+SAFEGUARD = {"mu": 0.9}  # SDPO's output-space safeguard at the paper's slack
 
 
-# ------------------------------------------------------------------------------------------------ data
-def generate_pairs(model: str, out: Path, b: Budget, *, strategy: str = "onpolicy", weights: str = "",
-                   round_: int = 0, prompts: int | None = None) -> dict:
-    """Pairs from the real generator, in memory as the engine takes them. On-policy: every pair whose reward gap exceeds the budget's."""
-    from pipeline.data.generate import GenerationConfig, generate
-
-    cfg = GenerationConfig(model=model, weights=weights, strategy=strategy, prompt_limit=prompts or b.prompts,
-                           samples_per_prompt=b.samples_per_prompt, pairing="all", min_reward_gap=b.min_reward_gap,
-                           batch_size=b.gen_batch, num_actors=b.gen_actors, write_png=False, round=round_,
-                           policy_version=f"round_{round_ - 1}" if weights else "reference",
-                           sampler={"num_steps": b.rollout_steps, "guidance_scale": 3.0, "eta": 1.0,
-                                    "batch_size": b.gen_batch})
-    generate(cfg, out)
-    table = read_pairs(out / "pairs")
-    if table.num_rows == 0:
-        raise RuntimeError(f"{out}: the generator wrote no pairs (every reward gap <= {b.min_reward_gap})")
-    return PairData.from_table(table)
+def parts(b: Budget) -> tuple[str, ...]:
+    return ("sweep", "offline", "sdpo", *(f"online-{s}" for s in b.online_seeds))
 
 
-# ------------------------------------------------------------------------------------------------ arms
-def train_arm(model: str, data: PairData, arm: dict, *, steps: int, batch_size: int, lr: float, seed: int,
-              ema_decay: float = 0.0, init: dict | None = None):
-    """One arm through the product's training engine, in this process (``train_in_process``: the loop a Ray
-    Train worker runs, without Ray); ``arm`` is the ``train.objective`` section that makes the arm (name, β,
-    safeguard). Returns the policy (its EMA weights when ``ema_decay``) and its per-step metrics."""
-    cfg = build(TrainConfig, dict(model=model, objective=arm, lr=lr, max_steps=steps, batch_size=batch_size,
-                                  seed=seed, ema_decay=ema_decay, log_every=1, checkpoint_every=steps))
-    engine = train_in_process(cfg, data, init=init)
-    return engine.apply_policy_weights(), engine.history
+# ------------------------------------------------------------------------------------------------ the bench
+class Bench:
+    """One part's context: the model, the budget, a work folder (data, arm cache) and the log."""
+
+    def __init__(self, model: str, work: Path, b: Budget, log):
+        self.model, self.work, self.b, self.log = model, work, b, log
+        self._data: dict[str, PairData] = {}
+
+    # ---- data
+    def pairs(self, kind: str) -> PairData:
+        """The reference's on-policy pairs (``onpolicy``) or perturbation pairs (``perturb``) of the ``toy:fit``
+        prompts; the generator writes each once into the work folder and returns it untouched on a rerun."""
+        if kind not in self._data:
+            from pipeline.data.generate import GenerationConfig, generate
+
+            b = self.b
+            cfg = GenerationConfig(model=self.model, prompts="toy:fit", prompt_limit=b.fit_prompts,
+                                   strategy="onpolicy" if kind == "onpolicy" else "ddspo-paired",
+                                   samples_per_prompt=b.samples_per_prompt, pairing="all",
+                                   min_reward_gap=b.min_reward_gap, batch_size=b.gen_batch, num_actors=b.gen_actors,
+                                   write_png=False, sampler={"num_steps": b.rollout_steps, "guidance_scale": 3.0,
+                                                             "eta": 1.0, "batch_size": b.gen_batch})
+            generate(cfg, self.work / "data" / kind)
+            table = read_pairs(self.work / "data" / kind / "pairs")
+            if table.num_rows < b.batch_size:
+                raise RuntimeError(f"{self.work / 'data' / kind}: {table.num_rows} pairs, fewer than a batch")
+            self._data[kind] = PairData.from_table(table)
+            self.log(f"data · {kind}: {table.num_rows} pairs")
+        return self._data[kind]
+
+    # ---- evaluation
+    def score(self, weights: dict | None, split: str) -> np.ndarray:
+        """(prompts, samples) toy rewards of the model (``weights``: a denoiser state, None = the reference) on
+        ``heldout`` (the claims) or ``val`` (β selection), the same sample seeds for every arm."""
+        b = self.b
+        source, limit = ("toy:heldout", b.eval_prompts) if split == "heldout" else ("toy:val", b.val_prompts)
+        prompts = [r["prompt"] for r in load_prompts(source, limit=limit)]
+        backbone = load_backbone(self.model)
+        if weights is not None:
+            backbone.denoiser.load_state_dict(weights, strict=True)
+        result, _ = evaluate(backbone, prompts, samples_per_prompt=b.eval_samples, progress=False,
+                             sampler=SamplerConfig(num_steps=b.eval_steps, guidance_scale=3.0, eta=1.0, batch_size=96))
+        return result.rewards
+
+    def reference(self, split: str) -> np.ndarray:
+        return np.asarray(self._cached({"reference": split, **self._eval_key(split)},
+                                       lambda: {"rewards": self.score(None, split).tolist()})["rewards"])
+
+    def _eval_key(self, split: str) -> dict:
+        b = self.b
+        return {"split": split, "prompts": b.eval_prompts if split == "heldout" else b.val_prompts,
+                "samples": b.eval_samples, "steps": b.eval_steps, "model": self.model}
+
+    # ---- arms
+    def arm(self, data: str, objective: dict, seed: int, split: str, *, lr: float | None = None,
+            steps: int | None = None) -> dict:
+        """Train one arm (``objective``: the ``train.objective`` section) with the engine and score its EMA
+        weights on ``split``; cached by a fingerprint of everything that decides the result."""
+        b = self.b
+        train = dict(model=self.model, objective=objective, lr=lr or b.lr, max_steps=steps or b.steps,
+                     batch_size=b.batch_size, seed=seed, ema_decay=b.ema_decay, log_every=1,
+                     checkpoint_every=steps or b.steps)
+        key = {"data": data, "data_budget": [b.fit_prompts, b.samples_per_prompt, b.rollout_steps, b.min_reward_gap],
+               "train": train, **self._eval_key(split)}
+
+        def compute() -> dict:
+            t0 = time.time()
+            engine = train_in_process(build(TrainConfig, train), self.pairs(data))
+            policy = engine.apply_policy_weights()
+            state = {n: t.detach().clone() for n, t in policy.denoiser.state_dict().items()}
+            hist = engine.history
+            ratio = np.array([h["residual_w"] / max(h["ref_residual_w"], 1e-12) for h in hist])
+            rewards = self.score(state, split)
+            out = {"rewards": rewards.tolist(), "winner_ratio_curve": ratio.tolist(),
+                   "lambda_mean": float(np.mean([h.get("lambda_mean", 1.0) for h in hist])),
+                   "seconds": round(time.time() - t0, 1)}
+            self.log(f"arm · {data} · {describe_arm(objective)} · seed {seed} · {split} reward "
+                     f"{rewards.mean():.3f} · {out['seconds']:.0f}s")
+            return out
+
+        return self._cached(key, compute)
+
+    def _cached(self, key: dict, compute) -> dict:
+        path = self.work / "arms" / f"{fingerprint(key)}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        out = {**compute(), "key": key}
+        atomic_write_bytes(path, json.dumps(out).encode())
+        return out
 
 
-def held_out(backbone, b: Budget) -> np.ndarray:
-    """(prompts, samples) toy rewards on the held-out prompts with the shared evaluation seeds."""
-    result, _ = evaluate(backbone, list(heldout_specs())[:b.eval_prompts], samples_per_prompt=b.eval_samples,
-                         sampler=SamplerConfig(num_steps=b.eval_steps, guidance_scale=3.0, eta=1.0, batch_size=96),
-                         progress=False)
-    return result.rewards
+def describe_arm(objective: dict) -> str:
+    name = PRETTY.get(objective["name"], objective["name"])
+    beta = f" β={objective['beta']:g}" if objective.get("beta") is not None else ""
+    sg = objective.get("safeguard")
+    sdpo = "" if not sg else f" + SDPO ({sg.get('space', 'output')} λ, μ={sg['mu']:g})"
+    return f"{name}{beta}{sdpo}"
 
 
-# ------------------------------------------------------------------------------------------------ statistics
-# Written once in pipeline/stats.py (intervals, verdicts) and pipeline/reporting.py (formatting): an arm's
-# difference from another arm (or a fixed baseline) is ``paired_over_seeds`` (seed-averaged per prompt,
-# bootstrap over prompts, ``per_seed`` the spread between seeds), a training-curve number ``t_interval`` over
-# seeds, and a verdict is read off the interval by ``verdict``.
+def rewards_of(runs: list[dict]) -> list[np.ndarray]:
+    return [np.asarray(r["rewards"], dtype=np.float64) for r in runs]
 
 
-def fmt(m: dict, sign: bool = True) -> str:
-    return fmt_ci(m, signed=sign)
+def winner_excess(run: dict) -> float:
+    """The winner loss over the reference's in the last quarter of training, minus 1 (> 0: the winner got worse)."""
+    c = np.asarray(run["winner_ratio_curve"])
+    return float(c[-max(1, len(c) // 4):].mean() - 1.0)
 
 
-def winner_ratio(history: list[dict]) -> np.ndarray:
-    """Policy winner loss over the reference's on the same noised winners, per step."""
-    return np.array([h["residual_w"] / max(h["ref_residual_w"], 1e-12) for h in history])
-
-
-def smooth(x: np.ndarray, k: int) -> np.ndarray:
+def smooth(x, k: int = 10) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
     k = max(1, min(k, len(x)))
     return np.convolve(x, np.ones(k) / k, mode="valid")
 
 
+# ------------------------------------------------------------------------------------------------ parts
+def part_sweep(bench: Bench) -> dict:
+    """Every method at every β of its grid, the same steps, lr and batch (an equal budget), scored on the validation
+    split with sweep seeds; the best β is the one with the highest mean validation reward."""
+    b, out = bench.b, {}
+    ref = bench.reference("val")
+    for data, methods in (("onpolicy", ONPOLICY), ("perturb", PERTURB)):
+        for name in methods:
+            rows = {}
+            for beta in b.betas[name]:
+                runs = [bench.arm(data, {"name": name, "beta": beta}, s, "val") for s in b.sweep_seeds]
+                rows[f"{beta:g}"] = paired_over_seeds(rewards_of(runs), ref)
+            best = max(rows, key=lambda x: rows[x]["mean"])
+            out[f"{data}/{name}"] = {"by_beta": rows, "best_beta": float(best)}
+            bench.log(f"sweep · {data} · {PRETTY[name]}: best β {best} (validation Δ {rows[best]['mean']:+.3f})")
+    return {"methods": out}
+
+
+def best_beta(sweep: dict, data: str, name: str) -> float:
+    return sweep["methods"][f"{data}/{name}"]["best_beta"]
+
+
+def part_offline(bench: Bench, sweep: dict) -> dict:
+    """On the reference's on-policy pairs: every method at its own best β (SIPO and DPO-C&M against
+    Diffusion-DPO), the three Diffusion-DPO-family methods at the grid's smallest β (SIPO Fig. 8c), and the
+    SDPO safeguard added to Diffusion-DPO, DSPO, DMPO (SDPO Tables 1–2) and SIPO (a combination no paper ran)."""
+    b = bench.b
+    ref = bench.reference("heldout")
+    arms = {}
+
+    def run(key: str, objective: dict) -> None:
+        arms[key] = {"objective": objective,
+                     "runs": [bench.arm("onpolicy", objective, s, "heldout") for s in b.seeds]}
+
+    for name in ONPOLICY:
+        beta = best_beta(sweep, "onpolicy", name)
+        run(f"{name}@best", {"name": name, "beta": beta})
+        if name in ("diffusion-dpo", "sipo", "dspo", "dmpo"):
+            run(f"{name}+sdpo@best", {"name": name, "beta": beta, "safeguard": SAFEGUARD})
+    small = min(b.betas["sipo"])
+    for name in ("diffusion-dpo", "dpo-cm", "sipo"):
+        run(f"{name}@small", {"name": name, "beta": small})
+    return summarise(arms, ref)
+
+
+def part_sdpo(bench: Bench, sweep: dict) -> dict:
+    """SDPO Fig. 1/3: Diffusion-DPO at an aggressive lr with and without the safeguard (output λ at μ = 0.9, the
+    exact parameter-space λ at μ = 0); DDSPO Table 1a: DDSPO against Diffusion-DPO on perturbation pairs, each
+    at its own best β, and DDSPO + SDPO."""
+    b = bench.b
+    ref = bench.reference("heldout")
+    arms = {}
+    dpo = best_beta(sweep, "onpolicy", "diffusion-dpo")
+    for key, sg in (("dpo", None), ("dpo+sdpo-output", SAFEGUARD), ("dpo+sdpo-parameter", {"mu": 0.0, "space": "parameter"})):
+        objective = {"name": "diffusion-dpo", "beta": dpo, **({"safeguard": sg} if sg else {})}
+        arms[f"aggressive/{key}"] = {"objective": objective, "runs": [
+            bench.arm("onpolicy", objective, s, "heldout", lr=b.aggressive_lr, steps=b.aggressive_steps) for s in b.seeds]}
+    for key, objective in (("dpo", {"name": "diffusion-dpo", "beta": best_beta(sweep, "perturb", "diffusion-dpo")}),
+                           ("ddspo", {"name": "ddspo", "beta": best_beta(sweep, "perturb", "ddspo")}),
+                           ("ddspo+sdpo", {"name": "ddspo", "beta": best_beta(sweep, "perturb", "ddspo"),
+                                           "safeguard": SAFEGUARD})):
+        arms[f"perturb/{key}"] = {"objective": objective,
+                                  "runs": [bench.arm("perturb", objective, s, "heldout") for s in b.seeds]}
+    out = summarise(arms, ref)
+    for key, arm in out["arms"].items():  # the winner's loss curves (SDPO Fig. 3), mean ± t band over seeds
+        if key.startswith("aggressive/"):
+            curves = [smooth(r["winner_ratio_curve"]) for r in arms[key]["runs"]]
+            mean, lo, hi = t_band(np.stack(curves))
+            arm["winner_curve"] = {"mean": mean.tolist(), "low": lo.tolist(), "high": hi.tolist()}
+            arm["winner_excess"] = t_interval([winner_excess(r) for r in arms[key]["runs"]])
+            arm["lambda_mean"] = float(np.mean([r["lambda_mean"] for r in arms[key]["runs"]]))
+    return out
+
+
+def summarise(arms: dict, ref: np.ndarray) -> dict:
+    """Each arm's objective, its seeds' rewards (kept: the report pairs arms against each other at render
+    time) and its paired gain over the reference."""
+    return {"reference": {"mean": float(ref.mean())}, "reference_rewards": ref.tolist(),
+            "arms": {k: {"objective": a["objective"], "rewards": [r["rewards"] for r in a["runs"]],
+                         "winner_excess_per_seed": [winner_excess(r) for r in a["runs"]],
+                         "vs_reference": paired_over_seeds(rewards_of(a["runs"]), ref)} for k, a in arms.items()}}
+
+
+def part_online(bench: Bench, sweep: dict, seed: int) -> dict:
+    """SIPO Fig. A1 through the product's round loop: Diffusion-DPO and SIPO, each at its own best β, for
+    ``online_rounds`` rounds (fixed reference, a fresh optimizer per round, the embedded default's settings
+    otherwise) with rollouts and training seeded by ``seed``; per round the held-out rewards of the job's own
+    evaluation (the same prompts and sample seeds for both arms and every round)."""
+    from pipeline.recipes import recipe
+    from pipeline.rounds import RoundsConfig, load_eval, run_rounds
+
+    b, out = bench.b, {}
+    for name in ONLINE_ARMS:
+        tree = merge(recipe("toy-rounds"), {
+            "model": bench.model, "rounds": b.online_rounds,
+            "generation": {"prompts": "toy:fit", "prompt_limit": b.online_prompts, "seed": seed,
+                           "samples_per_prompt": b.samples_per_prompt, "min_reward_gap": b.min_reward_gap,
+                           "batch_size": b.gen_batch, "num_actors": b.gen_actors,
+                           "sampler": {"num_steps": b.rollout_steps, "batch_size": b.gen_batch}},
+            "train": {"objective": {"name": name, "beta": best_beta(sweep, "onpolicy", name)}, "seed": seed,
+                      "lr": b.lr, "max_steps": b.online_steps, "batch_size": b.batch_size,
+                      "checkpoint_every": b.online_steps, "log_every": max(1, b.online_steps // 5)},
+            "eval": {"num_prompts": b.eval_prompts, "samples": b.online_eval_samples,
+                     "sampler": {"num_steps": b.eval_steps}}})
+        cfg = build(RoundsConfig, tree)
+        run_dir = bench.work / f"online-{seed}" / name
+        run_rounds(cfg, run_dir, log=bench.log)
+        out[name] = {"objective": tree["train"]["objective"],
+                     "reference": load_eval(run_dir / "reference_eval")["rewards"],
+                     "rounds": [load_eval(run_dir / f"round_{k}")["rewards"] for k in range(b.online_rounds)]}
+    return {"seed": seed, "arms": out}
+
+
 # ------------------------------------------------------------------------------------------------ claims
-def claim_a(model: str, data: dict, ref: np.ndarray, b: Budget, figs: Path, log) -> dict:
-    arms = {"Diffusion-DPO": {"name": "diffusion-dpo"},
-            "DPO + SDPO (output λ, μ=0.9)": {"name": "diffusion-dpo", "safeguard": {"mu": 0.9}},
-            "DPO + SDPO (parameter λ, μ=0)": {"name": "diffusion-dpo", "safeguard": {"mu": 0.0, "space": "parameter"}}}
-    curves, rewards, final_ratio, lam = {}, {}, {}, {}
-    for name, obj in arms.items():
-        for seed in b.seeds:
-            policy, hist = train_arm(model, data, obj, steps=b.aggressive_steps, batch_size=b.batch_size,
-                                     lr=b.aggressive_lr, seed=seed, ema_decay=b.ema_decay)
-            curves.setdefault(name, []).append(smooth(winner_ratio(hist), 10))
-            final_ratio.setdefault(name, []).append(float(winner_ratio(hist)[-max(1, len(hist) // 4):].mean()))
-            lam.setdefault(name, []).append(float(np.mean([h["lambda_mean"] for h in hist])))
-            rewards.setdefault(name, []).append(held_out(policy, b))
-            log(f"(a) {name} seed {seed}: winner/ref loss {final_ratio[name][-1]:.3f}, "
-                f"reward {rewards[name][-1].mean():.3f}")
-    series = {}
-    for name, cs in curves.items():
-        c = np.stack(cs)
-        series[name] = (np.arange(c.shape[1]) + 1, *t_band(c))
-    plot_bands(series, figs / "a_winner_loss.png", xlabel="step (10-step moving mean)",
-               ylabel="winner loss / reference's", hline=1.0,
-               title=f"(a) winner loss at lr {b.aggressive_lr:g}: mean ± 95% CI over {len(b.seeds)} seeds")
-    dpo = "Diffusion-DPO"
+def claims(results: dict, b: Budget) -> list[dict]:
+    """Every claim: what it says, where the papers say it, the part that measures it, the interval (``None`` until
+    the part has run) and the claimed sign. The verdict is computed from the interval when the report is written."""
     rows = []
-    for name in arms:
-        row = {"arm": name, "winner_ratio": t_interval(final_ratio[name]), "lambda_mean": float(np.mean(lam[name])),
-               "reward_vs_ref": paired_over_seeds(rewards[name], ref)}
-        if name != dpo:
-            row["winner_ratio_vs_dpo"] = t_interval([x - y for x, y in zip(final_ratio[name], final_ratio[dpo])])
-            row["reward_vs_dpo"] = paired_over_seeds(rewards[name], rewards[dpo])
-            row["verdict_winner"] = verdict(row["winner_ratio_vs_dpo"], -1)
-            row["verdict_reward"] = verdict(row["reward_vs_dpo"], +1)
-        rows.append(row)
-    return {"rows": rows, "dpo_winner_climbs": verdict(
-        t_interval([x - 1.0 for x in final_ratio[dpo]]), +1)}
 
+    def add(text, where, part, direction, interval=None):
+        rows.append({"claim": text, "paper": where, "part": part, "direction": direction, "interval": interval})
 
-def claim_b(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dict:
-    # the same β for both arms (Diffusion-DPO's 5000), so the targets are the only difference
-    arms = {"Diffusion-DPO": {"name": "diffusion-dpo"}, "DDSPO": {"name": "ddspo", "beta": 5000.0}}
-    rewards = {}
-    for name, obj in arms.items():
-        for seed in b.seeds:
-            policy, _ = train_arm(model, data, obj, steps=b.steps, batch_size=b.batch_size, lr=b.lr, seed=seed,
-                                  ema_decay=b.ema_decay)
-            rewards.setdefault(name, []).append(held_out(policy, b))
-            log(f"(b) {name} seed {seed}: reward {rewards[name][-1].mean():.3f}")
-    diff = paired_over_seeds(rewards["DDSPO"], rewards["Diffusion-DPO"])
-    return {"rows": [{"arm": n, "reward_vs_ref": paired_over_seeds(r, ref)} for n, r in rewards.items()],
-            "ddspo_vs_dpo": diff, "verdict": verdict(diff, +1), "pairs": len(data)}
+    def vs(part, a, c):
+        arms = (results.get(part) or {}).get("arms")
+        if not arms:
+            return None
+        return paired_over_seeds([np.asarray(x) for x in arms[a]["rewards"]], [np.asarray(x) for x in arms[c]["rewards"]])
 
+    def excess(part, key):
+        arms = (results.get(part) or {}).get("arms")
+        return arms[key]["winner_excess"] if arms else None
 
-BETA_ARMS = ("diffusion-dpo", "dpo-cm", "sipo")
-PRETTY = {"diffusion-dpo": "Diffusion-DPO", "dpo-cm": "DPO-C&M", "sipo": "SIPO"}
+    def excess_vs(part, a, c):
+        arms = (results.get(part) or {}).get("arms")
+        if not arms:
+            return None
+        return t_interval([x - y for x, y in zip(arms[a]["winner_excess_per_seed"], arms[c]["winner_excess_per_seed"])])
 
-
-def plot_beta(by_beta: dict[str, dict[str, dict]], path: Path) -> None:
-    """Held-out reward gain against β per objective (from the stored intervals, so ``--render`` redraws it)."""
-    series = {}
-    for n, d in by_beta.items():
-        xs = sorted(d, key=float)
-        series[PRETTY.get(n, n)] = ([float(x) for x in xs], *([d[x][k] for x in xs] for k in ("mean", "ci_low", "ci_high")))
-    plot_bands(series, path, xlabel="β (this library's convention)", ylabel="held-out reward − reference", log_x=True,
-               markers=True, hline=0.0, title="(c) reward gain across β (paired 95% CI over prompts)")
-
-
-def plot_rounds(by_round: dict[str, list[dict]], path: Path) -> None:
-    """Held-out reward gain per online round per objective (from the stored intervals)."""
-    plot_bands({n: (list(range(1, len(v) + 1)), *([x[k] for x in v] for k in ("mean", "ci_low", "ci_high")))
-                for n, v in by_round.items()}, path, xlabel="online round", ylabel="held-out reward − reference",
-               markers=True, hline=0.0, title="(c) online rounds (paired 95% CI over prompts)")
-
-
-def claim_c_beta(model: str, data: dict, ref: np.ndarray, b: Budget, log) -> dict:
-    res: dict[str, dict[float, dict]] = {}
-    raw: dict[str, dict[float, list]] = {}
-    for name in BETA_ARMS:
-        for beta in b.betas:
-            for seed in b.beta_seeds:
-                policy, _ = train_arm(model, data, {"name": name, "beta": beta}, steps=b.steps, batch_size=b.batch_size,
-                                      lr=b.lr, seed=seed, ema_decay=b.ema_decay)
-                raw.setdefault(name, {}).setdefault(beta, []).append(held_out(policy, b))
-                log(f"(c) {name} β={beta:g} seed {seed}: reward {raw[name][beta][-1].mean():.3f}")
-            res.setdefault(name, {})[beta] = paired_over_seeds(raw[name][beta], ref)
-    spread = {n: max(res[n][x]["mean"] for x in b.betas) - min(res[n][x]["mean"] for x in b.betas) for n in BETA_ARMS}
-    small = min(b.betas)
-    checks = {f"{n} vs Diffusion-DPO at β={small:g}": paired_over_seeds(raw[n][small], raw["diffusion-dpo"][small])
-              for n in ("sipo", "dpo-cm")}
-    return {"by_beta": {n: {f"{x:g}": v for x, v in d.items()} for n, d in res.items()}, "spread": spread,
-            "small_beta": {k: {**v, "verdict": verdict(v, +1)} for k, v in checks.items()}}
-
-
-def claim_c_rounds(model: str, work: Path, ref: np.ndarray, b: Budget, log, *, onpolicy=None) -> dict:
-    """``onpolicy``: the reference's on-policy pairs of claim (a); round 0 trains on them when the budget rolls
-    out as many prompts per round (the same generator config, so the same pairs) instead of generating them again."""
-    arms = {"Diffusion-DPO": {"name": "diffusion-dpo"},
-            "DPO-C&M": {"name": "dpo-cm", "beta": 5000.0},
-            "SIPO": {"name": "sipo", "beta": 5000.0}}
-    res: dict[str, list[dict]] = {}
-    rewards: dict[str, list[np.ndarray]] = {}
-    # the reference's pairs: shared by every arm's round 0
-    first = onpolicy if onpolicy is not None and b.round_prompts == b.prompts else \
-        generate_pairs(model, work / "rounds_0", b, prompts=b.round_prompts)
-    for name, obj in arms.items():
-        state, weights = None, ""
-        for k in range(b.rounds):
-            data = first if k == 0 else generate_pairs(model, work / f"rounds_{name}_{k}", b, weights=weights,
-                                                       round_=k, prompts=b.round_prompts)
-            policy, _ = train_arm(model, data, obj, steps=b.round_steps, batch_size=b.batch_size, lr=b.lr,
-                                  seed=k, ema_decay=b.ema_decay, init=state)
-            state = {n: t.detach().clone() for n, t in policy.denoiser.state_dict().items()}
-            weights = str(work / f"policy_{name}_{k}.safetensors")
-            save_file(state, weights)
-            r = held_out(policy, b)
-            rewards.setdefault(name, []).append(r)
-            res.setdefault(name, []).append(paired_over_seeds([r], ref))
-            log(f"(c) rounds {name} round {k}: {len(data)} pairs, reward {r.mean():.3f}")
-    last = paired_over_seeds([rewards["SIPO"][-1]], [rewards["Diffusion-DPO"][-1]])
-    return {"by_round": res, "sipo_vs_dpo_last": {**last, "verdict": verdict(last, +1)}}
-
-
-# ------------------------------------------------------------------------------------------------ report
-def shifted(m: dict, by: float) -> dict:
-    return {**m, "mean": m["mean"] + by, "ci_low": m["ci_low"] + by, "ci_high": m["ci_high"] + by,
-            "per_seed": [x + by for x in m["per_seed"]]}
-
-
-def pretty(claim: str) -> str:
-    """'sipo vs …' → 'SIPO vs …': results.json keeps the objectives' preset names, the report their paper names."""
-    arm, _, rest = claim.partition(" ")
-    return f"{PRETTY.get(arm, arm)} {rest}"
-
-
-def summary(r: dict, b: Budget) -> list[tuple[str, str, dict, int]]:
-    """(claim, where in the papers, the measured interval, the claimed sign) for every tested claim; the verdict
-    is computed from the interval when the report is written, so a re-render can never disagree with the data."""
-    small = f"{min(b.betas):g}"
-    rows = [("Diffusion-DPO's winner loss ends above the reference's (ratio − 1)", "SDPO Fig. 1/3",
-             shifted(r["a"]["rows"][0]["winner_ratio"], -1.0), +1)]
-    for row in r["a"]["rows"][1:]:
-        rows += [(f"{row['arm']} keeps the winner loss at or below the reference's (ratio − 1)", "SDPO Fig. 3",
-                  shifted(row["winner_ratio"], -1.0), -1),
-                 (f"{row['arm']} keeps the winner loss below Diffusion-DPO's (ratio difference)", "SDPO Fig. 3",
-                  row["winner_ratio_vs_dpo"], -1),
-                 (f"{row['arm']} ends with a higher reward than Diffusion-DPO", "SDPO Table 1", row["reward_vs_dpo"], +1)]
-    rows.append(("DDSPO beats Diffusion-DPO on the same perturbation pairs (reward)", "DDSPO Table 1a",
-                 r["b"]["ddspo_vs_dpo"], +1))
-    for name, m in r["c_beta"]["small_beta"].items():
-        rows.append((pretty(name).replace(" at β", " (reward) at β"), "SIPO Fig. 8c", m, +1))
-    rows.append((f"SIPO at β = {small} is not below the reference (reward − reference; above it counts as reproduced)",
-                 "SIPO Fig. 8c", r["c_beta"]["by_beta"]["sipo"][small], +1))
-    rows.append((f"after {b.rounds} online rounds SIPO beats Diffusion-DPO (reward)", "SIPO Fig. A1",
-                 r["c_rounds"]["sipo_vs_dpo_last"], +1))
+    add("Diffusion-DPO's winner loss ends above the reference's (ratio − 1), aggressive lr", "SDPO Fig. 1/3", "sdpo", +1,
+        excess("sdpo", "aggressive/dpo"))
+    for key, label in (("dpo+sdpo-output", "output λ, μ = 0.9"), ("dpo+sdpo-parameter", "parameter λ, μ = 0")):
+        k = f"aggressive/{key}"
+        add(f"DPO + SDPO ({label}) keeps the winner loss at or below the reference's (ratio − 1)", "SDPO Fig. 3",
+            "sdpo", -1, excess("sdpo", k))
+        add(f"DPO + SDPO ({label}) keeps the winner loss below Diffusion-DPO's (ratio difference)", "SDPO Fig. 3",
+            "sdpo", -1, excess_vs("sdpo", k, "aggressive/dpo"))
+        add(f"DPO + SDPO ({label}) ends with a higher reward than Diffusion-DPO", "SDPO Table 1", "sdpo", +1,
+            vs("sdpo", k, "aggressive/dpo"))
+    add("DDSPO beats Diffusion-DPO on the same perturbation pairs, each at its best β (reward)", "DDSPO Table 1a",
+        "sdpo", +1, vs("sdpo", "perturb/ddspo", "perturb/dpo"))
+    add("SIPO beats Diffusion-DPO, each at its best β (reward)", "SIPO Table 2", "offline", +1,
+        vs("offline", "sipo@best", "diffusion-dpo@best"))
+    add("DPO-C&M beats Diffusion-DPO, each at its best β (reward)", "SIPO Table 2", "offline", +1,
+        vs("offline", "dpo-cm@best", "diffusion-dpo@best"))
+    add("SIPO beats DPO-C&M, each at its best β (reward)", "SIPO Table 2", "offline", +1,
+        vs("offline", "sipo@best", "dpo-cm@best"))
+    small = f"{min(b.betas['sipo']):g}"
+    add(f"SIPO beats Diffusion-DPO at β = {small} (reward)", "SIPO Fig. 8c", "offline", +1,
+        vs("offline", "sipo@small", "diffusion-dpo@small"))
+    add(f"DPO-C&M beats Diffusion-DPO at β = {small} (reward)", "SIPO Fig. 8c", "offline", +1,
+        vs("offline", "dpo-cm@small", "diffusion-dpo@small"))
+    off = (results.get("offline") or {}).get("arms")
+    add(f"SIPO at β = {small} is not below the reference (reward − reference; above it counts as reproduced)",
+        "SIPO Fig. 8c", "offline", +1, off["sipo@small"]["vs_reference"] if off else None)
+    online = online_series(results, b)
+    if online:
+        last = len(online["sipo"]["rounds"]) - 1
+        add(f"after {last + 1} online rounds SIPO beats Diffusion-DPO (reward)", "SIPO Fig. A1", "online", +1,
+            online["sipo_vs_dpo"][-1])
+        add(f"SIPO's last round is not below its first (reward; above it counts as reproduced)", "SIPO Fig. A1", "online",
+            +1, online["sipo"]["last_vs_first"])
+        add(f"Diffusion-DPO's last round falls below its first (reward)", "SIPO Fig. A1", "online", -1,
+            online["diffusion-dpo"]["last_vs_first"])
+    else:
+        add("after the online rounds SIPO beats Diffusion-DPO (reward)", "SIPO Fig. A1", "online", +1)
+    for base in ("diffusion-dpo", "dspo", "dmpo", "sipo"):
+        add(f"{PRETTY[base]} + SDPO beats {PRETTY[base]} at its best β (reward)",
+            "no paper" if base == "sipo" else "SDPO Tables 1–2", "offline", +1,
+            vs("offline", f"{base}+sdpo@best", f"{base}@best"))
+    add("DDSPO + SDPO beats DDSPO at its best β (reward)", "no paper", "sdpo", +1,
+        vs("sdpo", "perturb/ddspo+sdpo", "perturb/ddspo"))
     return rows
 
 
-def report(r: dict, b: Budget, argv: list[str]) -> str:
-    L = ["# The papers' claims on the toy world", "",
-         f"Produced by `{' '.join(['python bench/claims.py', *argv])}` in {r['minutes']:.0f} min "
-         f"(2-core CPU, torch {r.get('torch', torch.__version__)}). Model: the shipped toy reference. "
-         f"Held-out reward: {b.eval_prompts} held-out prompts × {b.eval_samples} shared seeds, {b.eval_steps} "
-         f"sampling steps; the reference scores {fmt(r['reference'], sign=False)}.", "",
-         "Differences between arms are paired per (prompt, seed); [a, b] is a 95 % bootstrap interval over prompts of "
-         "the seed-averaged difference (per-seed means in brackets after it). Training-curve numbers use a t interval "
-         "over seeds. Rewards are those of each arm's EMA weights (decay "
-         f"{b.ema_decay:g}, as the job exports them); training curves are the live weights'. Verdicts are computed from the intervals: *reproduces* / *contradicted* when the interval "
-         "excludes 0, else *inconclusive*.", "",
-         f"Budget: {json.dumps(asdict(b))}", "",
-         "## Summary", "",
-         markdown_table(["claim", "paper", "measured [95 % CI]", "verdict"],
-                        [[claim, where, f"{fmt(m)} {_seeds(m)}", f"**{verdict(m, sign)}**"]
-                         for claim, where, m, sign in summary(r, b)])]
-    spread = ", ".join(f"{PRETTY.get(n, n)} {v:.3f}" for n, v in r["c_beta"]["spread"].items())
-    L += ["", "Not given a verdict (a point estimate, no interval): SIPO Fig. 8c also claims SIPO and DPO-C&M are less "
-          f"sensitive to β than Diffusion-DPO; the spread of the mean reward across β here is {spread}.", ""]
-    a = r["a"]
-    L += ["## (a) Diffusion-SDPO Fig. 1/3 — the winner's loss at an aggressive learning rate", "",
-          f"lr {b.aggressive_lr:g}, {b.aggressive_steps} steps × {b.batch_size} pairs, β = 5000, seeds {list(b.seeds)}, "
-          f"{r['pairs_onpolicy']} on-policy pairs of the reference ({b.prompts} prompts × {b.samples_per_prompt}, "
-          f"all pairs with a reward gap > {b.min_reward_gap:g}).", "",
-          "![winner loss](results/a_winner_loss.png)", "",
-          markdown_table(["arm", "winner loss / reference's (last quarter)", "mean λ", "reward − reference",
-                          "vs Diffusion-DPO: winner ratio", "vs Diffusion-DPO: reward"],
-                         [[row["arm"], fmt(row["winner_ratio"], sign=False), f"{row['lambda_mean']:.3f}",
-                           f"{fmt(row['reward_vs_ref'])} {_seeds(row['reward_vs_ref'])}",
-                           *(["–", "–"] if "reward_vs_dpo" not in row else
-                             [f"{fmt(row['winner_ratio_vs_dpo'])} → **{row['verdict_winner']}**",
-                              f"{fmt(row['reward_vs_dpo'])} → **{row['verdict_reward']}**"])] for row in a["rows"]])]
-    L += ["", f"Diffusion-DPO's winner loss climbs above the reference's: **{a['dpo_winner_climbs']}**.", "",
-          "The parameter-space safeguard's λ makes the winner's loss non-increasing only to first order and for a plain "
-          "gradient step; under AdamW's per-parameter scaling and many steps that guarantee does not carry over. "
-          "The output-space λ acts on the loss itself and does not depend on the "
-          "optimiser.", ""]
-    bb = r["b"]
-    L += ["## (b) DDSPO Table 1a — DDSPO vs Diffusion-DPO on the same perturbation pairs", "",
-          f"{bb['pairs']} paired pairs (winner from c, loser from c⁻ by rand-removal, same seed), lr {b.lr:g}, "
-          f"{b.steps} steps × {b.batch_size}, β = 5000, seeds {list(b.seeds)}.", "",
-          markdown_table(["arm", "reward − reference"],
-                         [[row["arm"], f"{fmt(row['reward_vs_ref'])} {_seeds(row['reward_vs_ref'])}"] for row in bb["rows"]])]
-    L += ["", f"DDSPO − Diffusion-DPO: {fmt(bb['ddspo_vs_dpo'])} → **{bb['verdict']}**.", ""]
-    c = r["c_beta"]
-    L += ["## (c) SIPO Fig. 8c — across β", "",
-          f"Same on-policy pairs as (a), lr {b.lr:g}, {b.steps} steps × {b.batch_size}, seeds {list(b.beta_seeds)}.", "",
-          "![beta](results/c_beta.png)", "",
-          markdown_table(["objective", *(f"β = {x:g}" for x in b.betas), "spread of means"],
-                         [[PRETTY[n], *(fmt(c["by_beta"][n][f"{x:g}"]) for x in b.betas), f"{c['spread'][n]:.3f}"]
-                          for n in BETA_ARMS])]
-    L += [""] + [f"- {pretty(k)}: {fmt(v)} → **{v['verdict']}**" for k, v in c["small_beta"].items()]
-    L += [""]
-    cr = r["c_rounds"]
-    L += ["## (c) SIPO Fig. A1 — across online rounds", "",
-          f"Each round rolls out {b.round_prompts} prompts × {b.samples_per_prompt} with the current policy, pairs "
-          f"them, trains {b.round_steps} steps (lr {b.lr:g}, β = 5000 for every arm, reference fixed) and evaluates.", "",
-          "![rounds](results/c_rounds.png)", "",
-          markdown_table(["objective", *(f"round {k + 1}" for k in range(b.rounds))],
-                         [[n, *(fmt(v) for v in vals)] for n, vals in cr["by_round"].items()])]
-    L += ["", f"SIPO − Diffusion-DPO after the last round: {fmt(cr['sipo_vs_dpo_last'])} → "
-          f"**{cr['sipo_vs_dpo_last']['verdict']}** (one seed per round; rounds are sequential).", ""]
-    L += ["## (d) Diffusion-SDPO Table 4 — overhead", "", "From `bench/results/objectives.md` (`python bench/objectives.py`):", ""]
-    L += [line for line in r["overhead"].splitlines() if line.startswith("|")]
-    return "\n".join(L) + "\n"
+def online_series(results: dict, b: Budget) -> dict | None:
+    """The online parts pooled over their seeds: per arm and round the gain over the reference and over the
+    previous round, SIPO − Diffusion-DPO per round, each paired over seeds; ``None`` until a seed has run."""
+    seeds = [results[p] for p in sorted(results) if p.startswith("online-")]
+    if not seeds:
+        return None
+    out = {"seeds": [s["seed"] for s in seeds]}
+    for name in ONLINE_ARMS:
+        rounds = [[np.asarray(s["arms"][name]["rounds"][k]) for s in seeds] for k in range(len(seeds[0]["arms"][name]["rounds"]))]
+        refs = [np.asarray(s["arms"][name]["reference"]) for s in seeds]
+        out[name] = {"rounds": [paired_over_seeds(r, refs) for r in rounds],
+                     "vs_previous": [paired_over_seeds(rounds[0], refs)] + [
+                         paired_over_seeds(rounds[k], rounds[k - 1]) for k in range(1, len(rounds))],
+                     "last_vs_first": paired_over_seeds(rounds[-1], rounds[0])}
+    n = len(out["sipo"]["rounds"])
+    out["sipo_vs_dpo"] = [paired_over_seeds([np.asarray(s["arms"]["sipo"]["rounds"][k]) for s in seeds],
+                                            [np.asarray(s["arms"]["diffusion-dpo"]["rounds"][k]) for s in seeds])
+                          for k in range(n)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def half_width(m: dict | None) -> float | None:
+    return None if m is None else (m["ci_high"] - m["ci_low"]) / 2
 
 
 def _seeds(m: dict) -> str:
-    return "(" + ", ".join(f"{x:+.3f}" for x in m["per_seed"]) + ")"
+    return "(" + ", ".join(f"{x:+.3f}" for x in m["per_seed"]) + ")" if m.get("per_seed") else ""
 
 
-def render(out: Path) -> int:
-    """Writes ``results.md`` and the plots drawn from stored intervals (β, rounds) from ``results.json``: the run
-    ends here, and a report change needs no new run. The winner-loss curves are not stored, so ``claim_a`` draws
-    that plot during the run."""
-    source = out / "results.json"
-    if not source.exists():
-        raise SystemExit(f"--render: {source} does not exist (run bench/claims.py with --out {out} first)")
-    r = json.loads(source.read_text())
-    if "budget" not in r:
-        raise SystemExit(f"--render: {source} has no 'budget' (written by an older bench/claims.py; run it again)")
-    b = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["budget"].items()})
-    atomic_write_bytes(out / "results.md", report(r, b, r["argv"]).encode())
-    (out / "results").mkdir(exist_ok=True)
-    plot_beta(r["c_beta"]["by_beta"], out / "results" / "c_beta.png")
-    plot_rounds(r["c_rounds"]["by_round"], out / "results" / "c_rounds.png")
-    print(f"wrote {out / 'results.md'}")
+def verdict_word(row: dict) -> str:
+    if row["interval"] is None:
+        return f"not measured yet (`bench/claims.py run {row['part'] if row['part'] != 'online' else 'online-0'}`)"
+    v = verdict(row["interval"], row["direction"])
+    if row["paper"] == "no paper":  # a question, not a claim: say which way it went
+        v = {"reproduces": "the safeguard helps", "contradicted": "the safeguard hurts"}.get(v, v)
+    return f"**{v}**"
+
+
+def report(results: dict, b: Budget, quick: bool) -> str:
+    present = [p for p in parts(b) if p in results]
+    minutes = sum(results[p]["minutes"] for p in present)
+    machines = sorted({results[p]["machine"] for p in present})
+    L = ["# The papers' claims on toy world v2", "",
+         f"Produced by `python bench/claims.py run <part>` for each part{' (the CI form, --quick)' if quick else ''}, then "
+         f"`python bench/claims.py render`. Parts present: {', '.join(present) or 'none'} "
+         f"({minutes:.0f} min in all; {'; '.join(machines) or 'no machine'}); "
+         f"missing: {', '.join(p for p in parts(b) if p not in results) or 'none'}. Model: the shipped toy reference "
+         "(v-prediction, `pipeline/toyworld/reference_model`). Deterministic on one machine, not across machines.", "",
+         "Protocol (bench/claims.py): pairs from the real generator on the `toy:fit` prompts; every offline arm trained by "
+         "the production engine, the online claim run by the product's round loop; β chosen per method on the validation "
+         "prompts (`toy:val`) with sweep seeds of its own; claims judged on the held-out prompts (`toy:heldout`) with "
+         f"seeds {list(b.seeds)}. Differences between arms are paired per (prompt, sample seed); intervals: {describe()}, "
+         "over prompts, of the difference averaged over training seeds (per-seed means in brackets); winner-loss numbers "
+         "use a t interval over seeds. Verdicts are computed from the intervals: *reproduces* / *contradicted* when the "
+         f"interval excludes 0, else *inconclusive*. Target half-width of a reward interval: {TARGET_HALF_WIDTH}.", "",
+         f"Budget: `{json.dumps(asdict(b))}`", "", "## Summary", ""]
+    rows = claims(results, b)
+    L.append(markdown_table(["claim", "paper", "measured [95 % CI]", "half-width", "verdict"], [
+        [r["claim"], r["paper"], "–" if r["interval"] is None else f"{fmt_ci(r['interval'], signed=True)} {_seeds(r['interval'])}",
+         "–" if r["interval"] is None else f"{half_width(r['interval']):.3f}", verdict_word(r)] for r in rows]))
+    reward_rows = [r for r in rows if r["interval"] is not None and "ratio" not in r["claim"]]
+    if reward_rows:
+        met = sum(half_width(r["interval"]) <= TARGET_HALF_WIDTH for r in reward_rows)
+        L += ["", f"Reward intervals with a half-width ≤ {TARGET_HALF_WIDTH}: {met} of {len(reward_rows)}.", ""]
+    L += _sweep_section(results.get("sweep"), b)
+    L += _arms_section(results.get("offline"), "## Offline: each method at its own best β, and at the smallest β",
+                       "On the reference's on-policy pairs", b)
+    L += _sdpo_section(results.get("sdpo"), b)
+    L += _online_section(online_series(results, b), b)
+    overhead = ROOT / "bench" / "results" / "objectives.md"
+    if overhead.exists():
+        L += ["## Diffusion-SDPO Table 4 — the safeguard's overhead", "", "From `bench/results/objectives.md` "
+              "(`python bench/objectives.py`):", ""]
+        L += [line for line in overhead.read_text().splitlines() if line.startswith("|")] + [""]
+    return "\n".join(L) + "\n"
+
+
+def _missing(part: str) -> list[str]:
+    return [f"Not measured yet: `python bench/claims.py run {part}`.", ""]
+
+
+def _sweep_section(s: dict | None, b: Budget) -> list[str]:
+    L = ["## The β sweep (validation prompts)", "",
+         f"Every method at every β of its grid: {b.steps} steps × {b.batch_size} pairs, lr {b.lr:g}, seeds "
+         f"{list(b.sweep_seeds)}; validation reward − the reference's (paired). The best β (highest mean) is "
+         "the one the other parts use.", ""]
+    if s is None:
+        return L + _missing("sweep")
+    rows = []
+    for key, m in s["methods"].items():
+        data, name = key.split("/")
+        rows.append([PRETTY[name], "on-policy" if data == "onpolicy" else "perturbation",
+                     *[f"{beta}: {fmt_ci(v, signed=True)}" for beta, v in m["by_beta"].items()], f"{m['best_beta']:g}"])
+    width = max(len(r) for r in rows)
+    rows = [r[:-1] + [""] * (width - len(r)) + r[-1:] for r in rows]
+    L.append(markdown_table(["method", "pairs", *[f"β point {i + 1}" for i in range(width - 3)], "best β"], rows))
+    L += ["", "![β sweep](results/sweep.png)", ""]
+    spread = {PRETTY[k.split("/")[1]]: max(v["mean"] for v in m["by_beta"].values()) - min(v["mean"] for v in m["by_beta"].values())
+              for k, m in s["methods"].items() if k.startswith("onpolicy/")}
+    L += ["Not given a verdict (point estimates): SIPO Fig. 8c also claims SIPO and DPO-C&M are less sensitive to β than "
+          "Diffusion-DPO; the spread of the mean validation gain across the grid here is "
+          + ", ".join(f"{k} {v:.3f}" for k, v in spread.items()) + ".", ""]
+    return L
+
+
+def _arms_section(part: dict | None, title: str, what: str, b: Budget) -> list[str]:
+    L = [title, "", f"{what}, {b.steps} steps × {b.batch_size} pairs, lr {b.lr:g}, seeds {list(b.seeds)}; held-out reward "
+         "− the reference's, paired.", ""]
+    if part is None:
+        return L + _missing("offline")
+    L.append(markdown_table(["arm", "objective", "reward − reference [95 % CI]"], [
+        [k, describe_arm(a["objective"]), f"{fmt_ci(a['vs_reference'], signed=True)} {_seeds(a['vs_reference'])}"]
+        for k, a in part["arms"].items()]))
+    return L + [""]
+
+
+def _sdpo_section(part: dict | None, b: Budget) -> list[str]:
+    L = ["## SDPO Fig. 1/3 (aggressive lr) and DDSPO Table 1a (perturbation pairs)", "",
+         f"Aggressive arms: lr {b.aggressive_lr:g}, {b.aggressive_steps} steps; perturbation arms: winner from c, loser "
+         f"from c⁻ (rand-removal), same seed, {b.steps} steps; seeds {list(b.seeds)}.", ""]
+    if part is None:
+        return L + _missing("sdpo")
+    L.append(markdown_table(["arm", "objective", "winner loss / reference's − 1 (last quarter)", "mean λ",
+                             "reward − reference [95 % CI]"], [
+        [k, describe_arm(a["objective"]), fmt_ci(a["winner_excess"], signed=True) if "winner_excess" in a else "–",
+         fmt_num(a.get("lambda_mean")), f"{fmt_ci(a['vs_reference'], signed=True)} {_seeds(a['vs_reference'])}"]
+        for k, a in part["arms"].items()]))
+    return L + ["", "![winner loss](results/winner_loss.png)", "",
+                "The parameter-space λ makes the winner's loss non-increasing only to first order and for a plain "
+                "gradient step; under AdamW's per-parameter scaling that guarantee does not carry over. The "
+                "output-space λ acts on the loss itself.", ""]
+
+
+def _online_section(o: dict | None, b: Budget) -> list[str]:
+    L = ["## SIPO Fig. A1 — online rounds (the product's round loop)", "",
+         f"`pipeline/rounds.py: run_rounds`, {b.online_rounds} rounds, {b.online_prompts} `toy:fit` prompts × "
+         f"{b.samples_per_prompt} rollouts per round, {b.online_steps} steps × {b.batch_size}, fixed reference, a fresh "
+         f"optimizer per round, each arm at its best β; held-out: the job's evaluation, {b.online_eval_samples} sample "
+         f"seeds per prompt; intervals over prompts of the seed-averaged difference, seeds {list(b.online_seeds)}.", ""]
+    if o is None:
+        return L + _missing("online-0")
+    n = len(o["sipo"]["rounds"])
+    rows = []
+    for name in ONLINE_ARMS:
+        rows.append([f"{PRETTY[name]}: Δ vs reference", *[fmt_ci(m, signed=True) for m in o[name]["rounds"]]])
+        rows.append([f"{PRETTY[name]}: Δ vs previous round", *[fmt_ci(m, signed=True) for m in o[name]["vs_previous"]]])
+    rows.append(["SIPO − Diffusion-DPO", *[fmt_ci(m, signed=True) for m in o["sipo_vs_dpo"]]])
+    L.append(markdown_table(["", *[f"round {k}" for k in range(n)]], rows))
+    return L + ["", f"Seeds pooled: {o['seeds']}.", "", "![rounds](results/rounds.png)", ""]
+
+
+def plots(results: dict, b: Budget, figs: Path) -> None:
+    """Every plot from the stored parts (so ``render`` redraws them all)."""
+    figs.mkdir(parents=True, exist_ok=True)
+    s = results.get("sweep")
+    if s:
+        series = {}
+        for key, m in s["methods"].items():
+            data, name = key.split("/")
+            if data == "onpolicy" and tuple(b.betas[name]) == tuple(b.betas["sipo"]):
+                xs = sorted(m["by_beta"], key=float)
+                series[PRETTY[name]] = ([float(x) for x in xs], *([m["by_beta"][x][k] for x in xs]
+                                                               for k in ("mean", "ci_low", "ci_high")))
+        plot_bands(series, figs / "sweep.png", xlabel="β (this library's convention)", log_x=True, markers=True,
+                   ylabel="validation reward − reference", hline=0.0,
+                   title="β sweep, on-policy pairs (paired 95% CI over prompts)")
+    d = results.get("sdpo")
+    if d:
+        series = {describe_arm(a["objective"]): (np.arange(len(a["winner_curve"]["mean"])) + 1, a["winner_curve"]["mean"],
+                                                  a["winner_curve"]["low"], a["winner_curve"]["high"])
+                  for k, a in d["arms"].items() if "winner_curve" in a}
+        plot_bands(series, figs / "winner_loss.png", xlabel="step (10-step moving mean)", ylabel="winner loss / reference's",
+                   hline=1.0, title=f"winner loss at lr {b.aggressive_lr:g}: mean ± 95% CI over {len(b.seeds)} seeds")
+    o = online_series(results, b)
+    if o:
+        plot_bands({PRETTY[n]: (list(range(len(o[n]["rounds"]))), *([m[k] for m in o[n]["rounds"]]
+                                                                  for k in ("mean", "ci_low", "ci_high")))
+                    for n in ONLINE_ARMS}, figs / "rounds.png", xlabel="online round", markers=True, hline=0.0,
+                   ylabel="held-out reward − reference", title="online rounds (paired 95% CI over prompts, seeds pooled)")
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def load_parts(out: Path, b: Budget) -> dict:
+    """Every finished part under ``out/results/parts``; a part measured with another budget is refused by name."""
+    results = {}
+    for part in parts(b):
+        path = out / "results" / "parts" / f"{part}.json"
+        if path.is_file():
+            r = json.loads(path.read_text())
+            if r.get("budget") != json.loads(json.dumps(asdict(b))):
+                raise SystemExit(f"{path}: measured with another budget than this report's "
+                                 f"({'--quick' if b == QUICK else 'the full budget'}); rerun that part or render with "
+                                 f"{'the full budget' if b == QUICK else '--quick'}")
+            results[part] = r
+    return results
+
+
+def render(out: Path, b: Budget, quick: bool) -> int:
+    results = load_parts(out, b)
+    plots(results, b, out / "results")
+    atomic_write_bytes(out / "results.md", report(results, b, quick).encode())
+    print(f"wrote {out / 'results.md'} from {len(results)} part(s)")
     return 0
+
+
+def run_part(part: str, bench: Bench, out: Path) -> None:
+    path = out / "results" / "parts" / f"{part}.json"
+    if path.is_file():
+        bench.log(f"{part}: finished already ({path})")
+        return
+    b = bench.b
+    t0 = time.time()
+    bench.log(f"== part {part}")
+    done = load_parts(out, b)
+    if part != "sweep" and "sweep" not in done:
+        raise SystemExit(f"part {part!r} uses each method's best β: run `bench/claims.py run sweep` first "
+                         f"({out / 'results' / 'parts' / 'sweep.json'} is missing)")
+    if part == "sweep":
+        r = part_sweep(bench)
+    elif part == "offline":
+        r = part_offline(bench, done["sweep"])
+    elif part == "sdpo":
+        r = part_sdpo(bench, done["sweep"])
+    else:
+        r = part_online(bench, done["sweep"], int(part.split("-", 1)[1]))
+    r.update(part=part, budget=asdict(b), minutes=(time.time() - t0) / 60, machine=describe_machine(),
+             torch=torch.__version__)
+    atomic_write_bytes(path, json.dumps(r, default=float).encode())
+    bench.log(f"== part {part}: done in {r['minutes']:.1f} min → {path}")
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny budgets (the CI form)")
-    p.add_argument("--model", default=str(REFERENCE_DIR), help="model folder (default: the shipped toy reference)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs", help="writes results.md, results/*.png, results.json here")
-    p.add_argument("--work", type=Path, default=None, help="scratch folder for pairs (default: a temp dir)")
-    p.add_argument("--render", action="store_true",
-                   help="only rewrite results.md from the results.json already in --out (no training)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, text in (("run", "run parts (each writes <out>/results/parts/<part>.json), then render"),
+                       ("render", "rewrite results.md and the plots from the parts already there (no training)")):
+        s = sub.add_parser(name, help=text)
+        if name == "run":
+            s.add_argument("parts", nargs="+", help="sweep, offline, sdpo, online-<seed>, or all")
+        s.add_argument("--quick", action="store_true", help="tiny budgets (the CI form)")
+        s.add_argument("--model", default=str(REFERENCE_DIR), help="model folder (default: the shipped toy reference)")
+        s.add_argument("--out", type=Path, default=ROOT / "docs", help="results.md, results/*.png, results/parts/*.json")
+        s.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "claims",
+                       help="pairs and the per-arm cache (resumable; refuses another budget)")
     args = p.parse_args(argv)
-    if args.render:
-        return render(args.out)
     b = QUICK if args.quick else FULL
-    import ray
-    import tempfile
-
+    if args.cmd == "render":
+        return render(args.out, b, args.quick)
+    names = list(parts(b)) if args.parts == ["all"] else args.parts
+    unknown = [n for n in names if n not in parts(b)]
+    if unknown:
+        raise SystemExit(f"unknown part(s) {', '.join(unknown)}; the parts of this budget: {', '.join(parts(b))}, or all")
+    work = args.work / ("quick" if args.quick else "full")
+    guard_run_dir(work, {"model": args.model, "budget": asdict(b)}, job="claims")
     torch.set_num_threads(2)
     log = ElapsedLog()
-    figs = args.out / "results"
-    figs.mkdir(parents=True, exist_ok=True)
-    if args.work is not None:
-        args.work.mkdir(parents=True, exist_ok=True)
     start_ray(num_cpus=2)
-    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        work = Path(tmp)
-        onpolicy = generate_pairs(args.model, work / "onpolicy", b)
-        perturbed = generate_pairs(args.model, work / "ddspo", b, strategy="ddspo-paired")
-        log(f"pairs: {len(onpolicy)} on-policy, {len(perturbed)} perturbation")
-        ref_rewards = held_out(load_backbone(args.model), b)
-        r = {"reference": mean_ci(ref_rewards), "pairs_onpolicy": len(onpolicy), "torch": torch.__version__}
-        r["a"] = claim_a(args.model, onpolicy, ref_rewards, b, figs, log)
-        r["b"] = claim_b(args.model, perturbed, ref_rewards, b, log)
-        r["c_beta"] = claim_c_beta(args.model, onpolicy, ref_rewards, b, log)
-        r["c_rounds"] = claim_c_rounds(args.model, work, ref_rewards, b, log, onpolicy=onpolicy)
+    bench = Bench(args.model, work, b, log)
+    for part in names:
+        run_part(part, bench, args.out)
+    import ray
+
     ray.shutdown()
-    overhead = ROOT / "bench" / "results" / "objectives.md"
-    r["overhead"] = overhead.read_text() if overhead.exists() else ""
-    r["minutes"] = log.seconds / 60
-    r["budget"], r["argv"] = asdict(b), list(argv)
-    atomic_write_bytes(args.out / "results.json", json.dumps(r, indent=1, default=float).encode())
-    render(args.out)
-    log(f"wrote {args.out / 'results.json'}")
-    return 0
+    return render(args.out, b, args.quick)
 
 
 if __name__ == "__main__":
