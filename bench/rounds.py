@@ -55,6 +55,10 @@ VARIANTS: dict[str, list[str]] = {
     "select-validation": ["select.name=validation", "generation.prompts=toy:fit"],
     "batch-32": ["train.batch_size=32", "train.max_steps=40", "train.lr=1e-4", "train.checkpoint_every=20"],
     "batch-32-150": ["train.batch_size=32"],
+    "batch-32-carry": ["train.batch_size=32", "carry_optimizer=true"],
+    # 4× the pairs per step at 4× the lr (the linear scaling rule); the 32-pair runs above kept the default lr
+    "batch-32-lr2e-4-carry": ["train.batch_size=32", "train.lr=2e-4", "carry_optimizer=true"],
+    "batch-32-beta-2000-carry": ["train.batch_size=32", "train.objective.beta=2000", "carry_optimizer=true"],
 }
 
 

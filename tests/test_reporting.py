@@ -1,6 +1,6 @@
 """Reporting: the CI formatter and table writers, the rounds' summary (header, columns from the evaluation
 itself, legend), the training-curve panels, the paired grid and its stratified prompts, and that
-``bench/claims.py --render`` still reproduces the committed docs/results.md."""
+``bench/claims.py render`` still reproduces the committed docs/results.md."""
 
 import json
 import shutil
@@ -209,12 +209,12 @@ def test_evaluate_saves_the_stratified_samples_and_rounds_draw_the_paired_grid(t
 
 
 def test_render_reproduces_the_committed_results_md(tmp_path):
-    """``bench/claims.py --render`` rewrites docs/results.md from the stored intervals, byte for byte."""
+    """``bench/claims.py render`` rewrites docs/results.md from the committed parts, byte for byte."""
     sys.path.insert(0, str(ROOT / "bench"))
     import claims
 
-    shutil.copy(ROOT / "docs" / "results.json", tmp_path / "results.json")
-    assert claims.main(["--render", "--out", str(tmp_path)]) == 0
+    shutil.copytree(ROOT / "docs" / "results" / "parts", tmp_path / "results" / "parts")
+    assert claims.main(["render", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "results.md").read_text() == (ROOT / "docs" / "results.md").read_text()
 
 
