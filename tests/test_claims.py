@@ -124,7 +124,7 @@ def test_quick_run_writes_every_part_claim_and_plot(tmp_path):
     assert (out / "results.md").read_text() == text, "a re-render from the parts gives the same report"
     # a part rerun after its result is removed trains nothing: every arm comes from the work folder's cache
     (out / "results" / "parts" / "offline.json").unlink()
-    proc = subprocess.run([*cmd[:3], "offline", *cmd[5:]], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*cmd[:3], "offline", *cmd[4:]], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "arm ·" not in proc.stdout and "part offline: done" in proc.stdout
     summary = text[text.index("## Summary"):]  # the header's minutes change; the measurements do not
