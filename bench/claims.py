@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,7 +55,7 @@ from pipeline.sampling import SamplerConfig
 from pipeline.stats import describe, paired_over_seeds, t_band, t_interval, verdict
 from pipeline.toyworld.reference import REFERENCE_DIR
 from pipeline.training import PairData, TrainConfig, train_in_process
-from pipeline.utils.atomic import atomic_write_bytes
+from pipeline.utils.atomic import atomic_write_bytes, is_complete
 from pipeline.utils.machine import describe_machine
 from pipeline.utils.plots import plot_bands
 from pipeline.utils.run_record import guard_run_dir
@@ -153,7 +154,7 @@ class Bench:
         """(prompts, samples) toy rewards of the model (``weights``: a denoiser state, None = the reference) on
         ``heldout`` (the claims) or ``val`` (β selection), the same sample seeds for every arm."""
         b = self.b
-        source, limit = ("toy:heldout", b.eval_prompts) if split == "heldout" else ("toy:val", b.val_prompts)
+        source, limit = self._source(split)
         prompts = [r["prompt"] for r in load_prompts(source, limit=limit)]
         backbone = load_backbone(self.model)
         if weights is not None:
@@ -166,10 +167,14 @@ class Bench:
         return np.asarray(self._cached({"reference": split, **self._eval_key(split)},
                                        lambda: {"rewards": self.score(None, split).tolist()})["rewards"])
 
+    def _source(self, split: str) -> tuple[str, int]:
+        """The prompt source of a split and how many of its prompts the budget takes."""
+        return ("toy:heldout", self.b.eval_prompts) if split == "heldout" else ("toy:val", self.b.val_prompts)
+
     def _eval_key(self, split: str) -> dict:
         b = self.b
-        return {"split": split, "prompts": b.eval_prompts if split == "heldout" else b.val_prompts,
-                "samples": b.eval_samples, "steps": b.eval_steps, "model": self.model}
+        return {"split": split, "prompts": self._source(split)[1], "samples": b.eval_samples, "steps": b.eval_steps,
+                "model": self.model}
 
     # ---- arms
     def arm(self, data: str, objective: dict, seed: int, split: str, *, lr: float | None = None,
@@ -339,6 +344,10 @@ def part_online(bench: Bench, sweep: dict, seed: int) -> dict:
                      "sampler": {"num_steps": b.eval_steps}}})
         cfg = build(RoundsConfig, tree)
         run_dir = bench.work / f"online-{seed}" / name
+        first = bench.work / f"online-{seed}" / ONLINE_ARMS[0] / "reference_eval"
+        if name != ONLINE_ARMS[0] and is_complete(first) and not (run_dir / "reference_eval").exists():
+            # the same model, held-out prompts and seeds for both arms: the first arm's reference evaluation is theirs
+            shutil.copytree(first, run_dir / "reference_eval")
         run_rounds(cfg, run_dir, log=bench.log)
         out[name] = {"objective": tree["train"]["objective"],
                      "reference": load_eval(run_dir / "reference_eval")["rewards"],
