@@ -1,6 +1,7 @@
 """Per-pair losses: exact values against brute force, β conventions, and finiteness at extreme margins."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -193,3 +194,19 @@ def test_anchor_adds_the_squared_distance_to_the_reference_and_pulls_towards_it(
     torch.testing.assert_close(g_anchor - g_plain, 0.5 * (pair["policy_w"] - pair["ref_w"]).detach() / n)
     with pytest.raises(ValueError, match="objective.anchor=-1"):
         ObjectiveConfig(anchor=-1.0)
+
+
+def test_sft_adds_the_winners_residual_and_moves_only_the_winner():
+    """sft = a adds a · mean over pairs of L(x_w) = ½‖πw − target_w‖²/D: a gradient on the winner only, towards
+    its target, whatever the safeguard does to the loser."""
+    pair = rand_pair()
+    for base in (ObjectiveConfig(beta=10.0), ObjectiveConfig(beta=10.0).with_safeguard(mu=0.5)):
+        plain = preference_loss(base, **pair)
+        tuned = preference_loss(replace(base, sft=2.0), **pair)
+        torch.testing.assert_close(tuned.loss - plain.loss, 2.0 * residual(pair["policy_w"], pair["target_w"]).mean())
+        (gw0, gl0), (gw1, gl1) = (torch.autograd.grad(o.loss, [pair["policy_w"], pair["policy_l"]]) for o in (plain, tuned))
+        n = pair["policy_w"][0].numel() * pair["policy_w"].shape[0]
+        torch.testing.assert_close(gw1 - gw0, 2.0 * (pair["policy_w"] - pair["target_w"]).detach() / n)
+        torch.testing.assert_close(gl1, gl0)
+    with pytest.raises(ValueError, match="objective.sft=-1"):
+        ObjectiveConfig(sft=-1.0)

@@ -81,3 +81,31 @@ def test_every_preset_is_finite_on_the_shipped_zero_terminal_snr_v_process(tiny_
         pred = torch.randn(x0.shape)
         assert torch.isfinite(bb.process.predict_x0(pred, x_t, t)).all()
         assert torch.isfinite(importance_log_weight(bb.process, pred, x_t, x0, t)).all()
+
+
+@pytest.mark.parametrize("name", ["diffusion-dpo", "sipo"])
+def test_t_min_keeps_every_trained_timestep_at_high_noise(name, tiny_toy_backbone):
+    """objective.t_min = f: the step draws its timesteps from [f·T, T) (and from ≥ 1 where SIPO needs a previous step)."""
+    process, drawn = tiny_toy_backbone.process, []
+    sample = process.sample_timesteps
+
+    def record(*args, **kwargs):  # the real sampler; the test only keeps what it returns
+        drawn.append(sample(*args, **kwargs))
+        return drawn[-1]
+
+    T = process.num_timesteps
+    for t_min, low in [(0.0, 1 if name == "sipo" else 0), (0.5, T // 2)]:
+        cfg = preset(name, t_min=t_min)
+        assert cfg.min_timestep(T) == low
+        process.sample_timesteps, drawn[:] = record, []
+        try:
+            for seed in range(8):
+                preference_step(tiny_toy_backbone, cfg, batch(), generator=torch.Generator().manual_seed(seed))
+        finally:
+            process.sample_timesteps = sample
+        t = torch.cat(drawn)
+        assert int(t.min()) >= low and int(t.max()) < T
+        if t_min:
+            assert int(t.min()) < T // 2 + T // 4  # drawn across the range, not pinned to one end
+    with pytest.raises(ValueError, match="objective.t_min=1"):
+        preset(name, t_min=1.0)

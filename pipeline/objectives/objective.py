@@ -76,6 +76,14 @@ class ObjectiveConfig:
     # outputs on both branches (for Gaussian reverse transitions, a per-timestep KL up to a weight). 0 = off;
     # it bounds how far on-policy rounds can drift where the sigmoid no longer does (docs/rounds.md).
     anchor: float = 0.0
+    # Fine-tuning on the winners: ``sft`` × the winner's own residual L(x_w) (a bound on its negative log-likelihood)
+    # added to the loss — the NLL term of iterative RPO (Pang et al. 2024), which keeps the winners' likelihood
+    # from falling while the margin grows (both residuals climb under DPO alone, docs/rounds.md). 0 = off.
+    sft: float = 0.0
+    # Train only on noise levels t ≥ t_min·T (a fraction of the schedule): the layout that a compositional reward
+    # judges (count, position, shape) is decided at high noise, while low-noise steps only refine detail, where
+    # pushing the loser's residual up teaches the model sampler noise (speckle, docs/rounds.md). 0 = every step.
+    t_min: float = 0.0
     safeguard: SafeguardConfig | None = None
 
     def __post_init__(self):
@@ -104,12 +112,21 @@ class ObjectiveConfig:
             raise ValueError(f"objective.dspo_form={self.dspo_form!r} applies to loss='dspo' only (loss={self.loss!r})")
         if not self.anchor >= 0.0:
             raise ValueError(f"objective.anchor={self.anchor}: expected a weight >= 0 (0 = off)")
+        if not 0.0 <= self.t_min < 1.0:
+            raise ValueError(f"objective.t_min={self.t_min}: expected a fraction of the schedule in [0, 1)")
+        if not self.sft >= 0.0:
+            raise ValueError(f"objective.sft={self.sft}: expected a weight >= 0 (0 = off)")
         if not self.dspo_sdxl_threshold >= 0.0:
             raise ValueError(f"objective.dspo_sdxl_threshold={self.dspo_sdxl_threshold}: expected a value >= 0")
 
     @property
     def needs_importance_weights(self) -> bool:
         return self.weighting != "none"
+
+    def min_timestep(self, num_timesteps: int) -> int:
+        """The smallest grid index a pair is trained at: ``t_min``·T, and ≥ 1 where importance weights need a
+        previous step."""
+        return max(int(self.t_min * num_timesteps), 1 if self.needs_importance_weights else 0)
 
     def with_safeguard(self, mu: float = 0.9, **kwargs) -> "ObjectiveConfig":
         return replace(self, safeguard=SafeguardConfig(mu=mu, **kwargs))
@@ -306,6 +323,8 @@ def preference_loss(
                        + (policy_l.float() - ref_l.detach().float()).pow(2).flatten(1).mean(1))
         loss = loss + cfg.anchor * drift.mean()
         metrics["anchor_drift"] = drift.detach().mean()
+    if cfg.sft > 0:
+        loss = loss + cfg.sft * lp_w.mean()
 
     with torch.no_grad():
         metrics.update(

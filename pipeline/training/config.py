@@ -52,6 +52,8 @@ class ObjectiveSpec:
     timestep_weighting: Literal["none", "linear"] | None = None
     residual_space: Literal["model", "x0"] | None = None
     anchor: float | None = None  # weight of the squared distance to the reference's outputs (0 = off)
+    sft: float | None = None  # weight of the winner's own denoising loss (RPO's NLL term; 0 = off)
+    t_min: float | None = None  # train only at noise levels t ≥ t_min·T (0 = every step)
     safeguard: SafeguardSpec | None = None  # None: off
 
     def __post_init__(self):

@@ -55,7 +55,7 @@ def preference_step(backbone: Backbone, cfg: ObjectiveConfig, batch: PairBatch, 
     device = backbone.device
     n = len(batch.prompts)
     x0_w, x0_l = batch.x0_w.to(device).float(), batch.x0_l.to(device).float()
-    t = process.sample_timesteps(n, generator=generator, min_index=1 if cfg.needs_importance_weights else 0).to(device)
+    t = process.sample_timesteps(n, generator=generator, min_index=cfg.min_timestep(process.num_timesteps)).to(device)
     pair = process.noise_pair(x0_w, x0_l, t, generator=generator)
     cond = backbone.encode_prompts(batch.prompts)
     x_t = torch.cat([pair.x_t_w, pair.x_t_l])
