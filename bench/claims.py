@@ -331,7 +331,7 @@ def part_online(bench: Bench, sweep: dict, seed: int) -> dict:
 
     b, out = bench.b, {}
     for name in ONLINE_ARMS:
-        tree = merge(recipe("toy-rounds"), {
+        tree = merge(recipe("toy-one-round"), {
             "model": bench.model, "rounds": b.online_rounds,
             "generation": {"prompts": "toy:fit", "prompt_limit": b.online_prompts, "seed": seed,
                            "samples_per_prompt": b.samples_per_prompt, "min_reward_gap": b.min_reward_gap,
@@ -540,6 +540,16 @@ def _arms_section(part: dict | None, title: str, what: str, b: Budget) -> list[s
     L.append(markdown_table(["arm", "objective", "reward − reference [95 % CI]"], [
         [k, describe_arm(a["objective"]), f"{fmt_ci(a['vs_reference'], signed=True)} {_seeds(a['vs_reference'])}"]
         for k, a in part["arms"].items()]))
+    arms = part["arms"]
+    same = [k for k in arms if "+sdpo@" in k and k.replace("+sdpo", "") in arms and np.allclose(
+        arms[k]["vs_reference"]["per_seed"], arms[k.replace("+sdpo", "")]["vs_reference"]["per_seed"], rtol=0, atol=1e-4)]
+    if same:  # computed from the arms, not asserted: which safeguarded arms changed nothing
+        L += ["", f"{', '.join(f'`{k}`' for k in same)}: per seed, the reward of the arm without the safeguard to within "
+              "10⁻⁴. In DSPO's "
+              "SD 1.5 form the loser enters only through z, inside the winner's shift β·(1 − σ(z)); at β = 0.001 that "
+              "shift is ≈ 5·10⁻⁴, so the loss is the winner's own denoising loss (fine-tuning on winners) and the loser's "
+              "gradient, which λ scales, is ≈ 10⁻⁷ of it (`pipeline/objectives/losses.py: dspo_loss`). The safeguard "
+              "has nothing to act on at this β."]
     return L + [""]
 
 
