@@ -269,8 +269,10 @@ def load_eval(path: Path) -> dict:
 
 def run_rounds(cfg: RoundsConfig, run_dir: str | Path, *, log=print) -> list[dict]:
     """Run (or resume) every round into ``run_dir``; a run directory made with another config is refused
-    (:func:`~pipeline.utils.run_record.guard_run_dir`; only ``RESUMABLE`` fields may change)."""
-    run_dir = Path(run_dir)
+    (:func:`~pipeline.utils.run_record.guard_run_dir`; only ``RESUMABLE`` fields may change). A relative
+    ``run_dir`` is taken from this process's working directory: the paths a round hands to Ray Train's workers
+    and Ray Data's actors (the previous policy, optimizer and reference) are absolute, since theirs differs."""
+    run_dir = Path(run_dir).absolute()
     guard_run_dir(run_dir, cfg, job="iterative_sipo", resumable=RESUMABLE)
     ref_dir = run_dir / "reference_eval"
     if not is_complete(ref_dir):

@@ -84,14 +84,14 @@ def test_job_config_errors_name_the_field(capsys, tmp_path):
     cfg = _build("--config", str(tmp_path / "c.yaml"), "--set", "rounds=5", "--set", "train.objective.name=dmpo",
                  "train.objective.safeguard.mu=0.9")
     assert cfg.rounds == 5 and cfg.train.lr == 1e-5 and cfg.train.objective.name == "dmpo"
-    assert cfg.train.objective.safeguard.mu == 0.9 and cfg.train.objective.beta == 20000.0  # the recipe's β
+    assert cfg.train.objective.safeguard.mu == 0.9 and cfg.train.objective.beta == 500.0  # the recipe's β
     assert cfg.generation.samples_per_prompt == 4 and cfg.train.max_steps == 150
     with pytest.raises(SystemExit) as done:
         _build("--print-config", "--set", "train.lr=3e-5")
     assert done.value.code == 0 and "lr: 3.0e-05" in capsys.readouterr().out
 
 
-def test_two_lora_rounds_roll_out_and_train_from_the_adapter(tiny_toy_model_dir, tmp_path):
+def test_two_lora_rounds_roll_out_and_train_from_the_adapter(tiny_toy_model_dir, tmp_path, monkeypatch):
     """Round 1 samples from round 0's LoRA policy and trains on from it — with round 0's AdamW state, on its
     own and round 0's pairs, the checkpoint chosen on validation prompts; the export merges the adapter."""
     ray.init(num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
@@ -104,7 +104,8 @@ def test_two_lora_rounds_roll_out_and_train_from_the_adapter(tiny_toy_model_dir,
         train={"objective": {"name": "sipo"}, "lora_rank": 4, "lr": 1e-2, "max_steps": 2, "batch_size": 2, "checkpoint_every": 1},
     )
     logs: list[str] = []
-    rows = run_rounds(cfg, tmp_path / "run", log=logs.append)
+    monkeypatch.chdir(tmp_path)  # a relative run directory, as the job's default: round 1's workers must find round 0
+    rows = run_rounds(cfg, "run", log=logs.append)
     run = tmp_path / "run"
     manifest = json.loads((run / "round_1" / "pairs_manifest.json").read_text())
     assert manifest["config"]["weights"].endswith("round_0/policy.safetensors")
