@@ -4,7 +4,7 @@
     python bench/one_round.py report                     # bench/results/one_round.md from the committed results
     python bench/one_round.py list                       # the variants
 
-The embedded default's round 0 (recipe ``toy-rounds``), stage by stage, through the stages' own code: the pairs
+The first embedded default's round 0 (recipe ``toy-one-round``), stage by stage, through the stages' own code: the pairs
 come once from the real generator (Ray Data; the recipe's generation section, cached per config fingerprint
 under ``bench/work/one_round/``); each variant trains in this process through the product's training engine
 (``TrainEngine``: the loop a Ray Train worker runs, same steps and data order) with a few ``--set`` overrides,
@@ -42,8 +42,12 @@ RESULTS = ROOT / "bench" / "results" / "one_round"
 REPORT = ROOT / "bench" / "results" / "one_round.md"
 VALIDATION, VALIDATION_SAMPLES = "toy:val", 4
 
+#: DSPO at its SD 1.5 β: the shift β(1 − σ(z)) is ≈ 5e-4, so the loss is the winner's own denoising loss
+GROUND_TRUTH_SFT = ["train.objective.name=dspo", "train.objective.beta=0.001"]
+GROUND_TRUTH_SEEDS = 4  # renders per toy:fit prompt
+
 #: variant → ``--set`` overrides on the embedded default and the optimizer steps at which its policy is evaluated
-#: (the run trains to the last of them)
+#: (the run trains to the last of them); ``data: ground-truth`` trains on renders instead of the round's pairs
 VARIANTS: dict[str, dict] = {
     "default": {"set": [], "eval_at": [150, 300, 450]},
     "lr2e-4": {"set": ["train.lr=2e-4"], "eval_at": [150]},
@@ -58,6 +62,10 @@ VARIANTS: dict[str, dict] = {
     "timestep-linear": {"set": ["train.objective.timestep_weighting=linear"], "eval_at": [150]},
     "samples-8-best-worst": {"set": ["generation.samples_per_prompt=8", "generation.pairing=best-worst"],
                              "eval_at": [150, 300]},
+    # the ceiling of one round's budget: fine-tuning on ground truth (renders of the toy:fit prompts with their
+    # correct captions; DSPO at β 0.001 is the winner's own denoising loss) instead of the round's pairs
+    "ground-truth-sft": {"set": GROUND_TRUTH_SFT + ["train.lr=1e-4"], "eval_at": [150], "data": "ground-truth"},
+    "ground-truth-sft-lr1e-3": {"set": GROUND_TRUTH_SFT + ["train.lr=1e-3"], "eval_at": [150], "data": "ground-truth"},
 }
 
 
@@ -65,7 +73,7 @@ def rounds_config(overrides: list[str]):
     from pipeline.recipes import recipe
     from pipeline.rounds import RoundsConfig
 
-    return build(RoundsConfig, apply_overrides(recipe("toy-rounds"), overrides))
+    return build(RoundsConfig, apply_overrides(recipe("toy-one-round"), overrides))
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -79,6 +87,20 @@ def round0_pairs(cfg):
     out = WORK / f"pairs-{gen.fingerprint()[:12]}"
     manifest = generate(gen, out)
     return PairData.from_table(read_pairs(out / "pairs")), manifest
+
+
+def ground_truth_pairs():
+    """Renders of every toy:fit prompt (``GROUND_TRUTH_SEEDS`` seeds each) with their correct captions as winners,
+    the same renders shuffled as losers (DSPO at β 0.001 gives the loser no weight)."""
+    from pipeline.toyworld.grammar import fit_specs
+    from pipeline.toyworld.renderer import render_batch, to_tensor
+    from pipeline.training import PairData
+
+    specs = [s for s in fit_specs() for _ in range(GROUND_TRUTH_SEEDS)]
+    images = to_tensor(render_batch(specs, list(range(len(specs))), 32))
+    losers = images[np.random.default_rng(0).permutation(len(specs))]
+    return PairData(images, losers, [s.text for s in specs], None, [f"gt-{i:05d}" for i in range(len(specs))]), {
+        "num_pairs": len(specs)}
 
 
 def evaluate_both(cfg, weights: str) -> dict:
@@ -158,7 +180,7 @@ def run(names: list[str]) -> None:
         guard_run_dir(WORK / name, {"rounds": cfg, "eval_at": spec["eval_at"]}, job="bench/one_round")
         t0 = time.time()
         log = lambda msg: print(f"[{time.time() - t0:6.0f}s] {name} · {msg}", flush=True)  # noqa: E731
-        data, manifest = round0_pairs(cfg)
+        data, manifest = ground_truth_pairs() if spec.get("data") == "ground-truth" else round0_pairs(cfg)
         ref = reference_eval(cfg)
         log(f"training on {len(data)} pairs, evaluating at steps {spec['eval_at']}")
         snaps, metrics = train_and_snapshot(cfg.train_config(0, "", ""), data, spec["eval_at"], log)
@@ -170,7 +192,7 @@ def run(names: list[str]) -> None:
             points.append({"step": step, "train": metrics[step], **cmp})
             log(f"  step {step}: held-out Δ {fmt_ci(cmp['heldout']['delta_vs_ref'], signed=True)} · validation Δ "
                 f"{fmt_ci(cmp['validation']['delta_vs_ref'], signed=True)}")
-        result = {"variant": name, "overrides": spec["set"], "eval_at": spec["eval_at"], "machine": describe_machine(),
+        result = {"variant": name, "overrides": spec["set"], "data": spec.get("data", "round-0 pairs"), "eval_at": spec["eval_at"], "machine": describe_machine(),
                   "seconds": round(time.time() - t0, 1),
                   "pairs": {k: manifest.get(k) for k in ("num_pairs", "mean_reward_gap", "mean_pair_distance",
                                                          "mean_prompt_reward")},
@@ -190,7 +212,8 @@ def render(results: list[dict]) -> str:
         for p in res["points"]:
             h, v, t = p["heldout"], p["validation"], p["train"]
             drift = t.get("residual_w", math.nan) - t.get("ref_residual_w", math.nan)
-            rows.append([res["variant"], " ".join(res["overrides"]) or "(default)", p["step"],
+            data = "" if res.get("data", "round-0 pairs") == "round-0 pairs" else f" (on {res['data']})"
+            rows.append([res["variant"], (" ".join(res["overrides"]) or "(default)") + data, p["step"],
                          fmt_ci(h["delta_vs_ref"], signed=True), fmt_ci(v["delta_vs_ref"], signed=True),
                          fmt_num((h.get("overall") or {}).get("mean")), fmt_num((v.get("overall") or {}).get("mean")),
                          fmt_num((h.get("attributes") or {}).get("shape", {}).get("mean")),

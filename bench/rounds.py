@@ -4,10 +4,10 @@
     python bench/rounds.py report                           # bench/results/rounds.md from every finished run
     python bench/rounds.py list                             # the variants and their overrides
 
-Every variant is the embedded default (recipe ``toy-rounds``) with a few ``--set`` overrides, run by the
-product's own job into ``bench/work/rounds/<variant>/`` (so what is measured is what users run). ``report``
-copies each run's ``summary.json`` and pair manifests to ``bench/results/rounds/<variant>.json`` (committed;
-the report renders from those alone) and writes one table per variant: per round the held-out reward, the
+Every variant is the first embedded default (recipe ``toy-one-round``: SIPO β 20000, lr 5e-5, a fresh optimizer
+per round) with a few ``--set`` overrides, run by the product's own job into ``bench/work/rounds/<variant>/`` (so
+what is measured is what users run). ``report`` copies each run's ``summary.json`` and pair manifests to
+``bench/results/rounds/<variant>.json`` (committed; the report renders from those alone) and writes one table per variant: per round the held-out reward, the
 paired Δ against the reference and against the previous round (95 % bootstrap intervals over prompts), the
 gold metric (all attributes right), the fresh pairs' statistics (count, reward gap, winner–loser distance,
 the rollouts' reward), the last training report (loss, implicit accuracy, mean logit, the winner's residual
@@ -59,6 +59,20 @@ VARIANTS: dict[str, list[str]] = {
     # 4× the pairs per step at 4× the lr (the linear scaling rule); the 32-pair runs above kept the default lr
     "batch-32-lr2e-4-carry": ["train.batch_size=32", "train.lr=2e-4", "carry_optimizer=true"],
     "batch-32-beta-2000-carry": ["train.batch_size=32", "train.objective.beta=2000", "carry_optimizer=true"],
+    # DSPO at its SD 1.5 β: the shift β(1−σ(z)) is ≈ 5e-4, so the loss is the winner's denoising loss (fine-tuning
+    # on each prompt's best rollout: rejection-sampling fine-tuning / expert iteration)
+    "winner-sft-carry": ["train.objective.name=dspo", "train.objective.beta=0.001", "generation.pairing=best-worst",
+                         "train.lr=1e-4", "carry_optimizer=true"],
+    # only noise levels t ≥ 0.2·T (SNR ≤ 1.9 on the toy schedule): no training at the low-noise steps where the
+    # loser term teaches sampler noise (β 500's speckle) and the winner term the sampler's artefacts
+    "beta-500-lr2e-4-tmin-carry": ["train.objective.beta=500", "train.lr=2e-4", "train.objective.t_min=0.2",
+                                   "carry_optimizer=true"],
+    # β 500's large first round with the SDPO safeguard: the speckle is the policy denoising worse (winner residual
+    # above the reference's), which is what the safeguard's λ stops
+    "beta-500-lr2e-4-safeguard-carry": ["train.objective.beta=500", "train.lr=2e-4", "train.objective.safeguard.mu=0.9",
+                                        "carry_optimizer=true"],
+    "best-worst-safeguard-carry": ["generation.pairing=best-worst", "train.lr=1e-4", "train.objective.safeguard.mu=0.9",
+                                   "carry_optimizer=true"],
 }
 
 
@@ -90,13 +104,15 @@ def run(names: list[str], rounds: int, reuse_round0: bool = False) -> None:
         reused = reuse_round0 and _reuse_round0(name)
         overrides = [f"rounds={rounds}", *VARIANTS[name]]
         cmd = [sys.executable, str(ROOT / "jobs" / "iterative_sipo.py"), "--run-dir", str(WORK / name),
-               "--set", *overrides]
+               "--recipe", "toy-one-round", "--set", *overrides]
         print(f"== {name}: {' '.join(overrides)}", flush=True)
         t0 = time.time()
         subprocess.run(cmd, check=True, cwd=ROOT)
-        record = {"variant": name, "overrides": overrides, "seconds": round(time.time() - t0, 1),
+        path = WORK / name / "bench_record.json"
+        earlier = json.loads(path.read_text()).get("seconds", 0) if path.exists() else 0  # a run extended by more rounds
+        record = {"variant": name, "overrides": overrides, "seconds": round(earlier + time.time() - t0, 1),
                   "round0_from_baseline": reused, "machine": describe_machine()}
-        (WORK / name / "bench_record.json").write_text(json.dumps(record, indent=1))
+        path.write_text(json.dumps(record, indent=1))
 
 
 def collect(name: str) -> dict | None:
@@ -112,7 +128,12 @@ def collect(name: str) -> dict | None:
         manifests.append({key: m.get(key) for key in ("num_pairs", "mean_reward_gap", "mean_pair_distance",
                                                        "mean_prompt_reward")})
     record_path = run_dir / "bench_record.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {"variant": name}
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+    else:  # the run stopped before its last round (killed once its trend was clear): say so, with what it asked for
+        asked = json.loads((run_dir / "run_config.json").read_text())["config"]["rounds"]
+        record = {"variant": name, "overrides": [f"rounds={asked}", *VARIANTS[name]], "machine": describe_machine(),
+                  "note": f"stopped after {len(rows) - 1} of {asked} rounds"}
     for r in rows:  # the training history is long; the report uses the last report only
         history = r.pop("history", None) or []
         r["last_train"] = history[-1] if history else {}
@@ -140,7 +161,8 @@ def render(results: list[dict]) -> str:
     from pipeline.reporting import fmt_ci, markdown_table
 
     head = ["# Online rounds under each switch (bench/rounds.py)", "",
-           "Each variant is `python jobs/iterative_sipo.py --set rounds=N <overrides>` on the embedded default; "
+           "Each variant is `python jobs/iterative_sipo.py --recipe toy-one-round --set rounds=N <overrides>` (the "
+           "first embedded default: SIPO β 20000, lr 5e-5, a fresh optimizer per round); "
            "48 held-out prompts × 4 seeds shared by every round; intervals are 95 % bootstrap intervals over "
            "prompts (pipeline/stats.py). Deterministic on one machine, not across machines. "
            "Columns: docs/rounds.md. A variant acting from round 1 on may reuse its base variant's round 0 "
@@ -153,7 +175,7 @@ def render(results: list[dict]) -> str:
         v = compounds(rows)
         verdicts.append([res["variant"], " ".join(res.get("overrides", [])[1:]) or "(default)",
                          fmt_ci(rows[-1]["delta_vs_ref"], signed=True), _f((rows[-1].get("overall") or {}).get("mean")),
-                         "yes" if v["compounds"] else "no", f"{res.get('seconds', 0) / 60:.1f}"])
+                         "yes" if v["compounds"] else "no", f"{res['seconds'] / 60:.1f}" if "seconds" in res else "–"])
         table = []
         for i, r in enumerate(rows):
             p = pairs[i - 1] if i else {}
@@ -172,8 +194,9 @@ def render(results: list[dict]) -> str:
                 _f((drift.get("colour_entropy") or {}).get("mean")),
                 _f((drift.get("seed_diversity") or {}).get("mean")),
             ])
+        minutes = f"{res['seconds'] / 60:.1f} min" if "seconds" in res else "wall time not recorded"
         out += [f"## {res['variant']}", "", f"Overrides: `{' '.join(res.get('overrides', []))}`; "
-                f"{res.get('seconds', 0) / 60:.1f} min{copied}{'; ' + res['note'] if res.get('note') else ''}; machine: {res.get('machine', 'not recorded')}; compounds: {'yes' if v['compounds'] else 'no'} "
+                f"{minutes}{copied}{'; ' + res['note'] if res.get('note') else ''}; machine: {res.get('machine', 'not recorded')}; compounds: {'yes' if v['compounds'] else 'no'} "
                 f"(every round ≥ previous: {v.get('every_round_rises')}, final interval above 0 and round 0: "
                 f"{v.get('final_above_round0')}).", "",
                 markdown_table(["round", "reward", "Δ vs ref", "Δ vs prev", "all attr.", "pairs", "gap", "w–l dist.",

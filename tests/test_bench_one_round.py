@@ -45,3 +45,17 @@ def test_render_lists_each_evaluated_step_with_both_intervals():
     assert ("| beta-2000 | train.objective.beta=2000 | 300 | +0.050 [+0.020, +0.080] | -0.010 [-0.040, +0.020] "
             "| 0.010 | 0.090 | 0.200 | 0.800 | 0.700 | +0.010 |") in text
     assert "some CPU, 2 cores" in text and "validation reward 0.600 [0.550, 0.650]" in text
+
+
+def test_ground_truth_pairs_are_renders_the_verifiable_reward_accepts():
+    """The ground-truth variants' winners are renders of the toy:fit prompts with their own captions: the
+    detector gives every one all four attributes; the losers are the same renders, shuffled."""
+    from pipeline.toyworld import from_tensor, score
+    from pipeline.toyworld.grammar import fit_specs
+
+    data, manifest = one_round.ground_truth_pairs()
+    n = len(fit_specs()) * one_round.GROUND_TRUTH_SEEDS
+    assert len(data) == manifest["num_pairs"] == n and len(set(data.pair_ids)) == n
+    assert score(from_tensor(data.x0_w), data.prompts).overall.all()
+    assert not score(from_tensor(data.x0_l), data.prompts).overall.all()  # shuffled: most losers miss their prompt
+    assert sorted(data.x0_l.flatten(1).sum(1).tolist()) == sorted(data.x0_w.flatten(1).sum(1).tolist())

@@ -58,7 +58,7 @@ def test_every_variant_resolves_to_a_valid_config_and_reused_bases_exist():
     from pipeline.rounds import RoundsConfig
 
     for name, overrides in bench_rounds.VARIANTS.items():
-        cfg = build(RoundsConfig, apply_overrides(recipe("toy-rounds"), ["rounds=3", *overrides]))  # raises if bad
+        cfg = build(RoundsConfig, apply_overrides(recipe("toy-one-round"), ["rounds=3", *overrides]))  # raises if bad
         assert cfg.rounds == 3, name
     assert set(bench_rounds.ROUND0_FROM.values()) <= set(bench_rounds.VARIANTS)
     assert set(bench_rounds.ROUND0_FROM) <= set(bench_rounds.VARIANTS)
@@ -72,3 +72,18 @@ def test_render_reports_each_variant_and_the_verdict():
     assert "## beta-2000-refresh" in text and "round 0 copied from beta-2000" in text
     assert "| beta-2000-refresh | reference=refresh | +0.080 [+0.060, +0.110] |" in text
     assert "compounds: yes" in text and "10.0 min" in text
+
+
+def test_a_run_stopped_early_is_reported_as_such(tmp_path, monkeypatch):
+    """A variant's run killed before its last round has no bench record: the report says how many of the rounds
+    it asked for it ran, from its run_config.json, and shows no wall time rather than a zero."""
+    monkeypatch.setattr(bench_rounds, "WORK", tmp_path)
+    run = tmp_path / "anchor"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"config": {"rounds": 3}}))
+    (run / "summary.json").write_text(json.dumps(rows((0.05, (0.05, 0.02, 0.08)))))
+    res = bench_rounds.collect("anchor")
+    assert res["note"] == "stopped after 1 of 3 rounds" and res["overrides"][0] == "rounds=3" and "seconds" not in res
+    text = bench_rounds.render([json.loads(json.dumps(res))])
+    assert "wall time not recorded; stopped after 1 of 3 rounds" in text
+    assert "| anchor | train.objective.anchor=20000 | +0.050 [+0.020, +0.080] | 0.000 | no | – |" in text
