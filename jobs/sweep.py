@@ -8,7 +8,7 @@
     python jobs/iterative_sipo.py --config runs/sweep/best_config.yaml   # then run the winner
     ray job submit --working-dir . -- python jobs/sweep.py --config sweep.yaml --out /shared/runs/sweep
 
-Tunes round 0 of an iterative_sipo run (``rounds``, default: a shortened toy-rounds recipe, pipeline/recipes.py):
+Tunes round 0 of an iterative_sipo run (``rounds``, default: a shortened toy-one-round recipe, pipeline/recipes.py):
 the reference's pairs are generated once under ``--out`` and shared by all trials; each trial trains with
 Ray Train (a TorchTrainer fitted inside the Tune trial, Train V2) in ``segments`` of ``steps_per_segment``
 optimizer steps (default: train.max_steps / segments, the run's own budget), evaluates the held-out reward

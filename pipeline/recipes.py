@@ -13,11 +13,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-#: One online round on the toy world (the embedded default of jobs/iterative_sipo.py): every prompt of the
-#: toy training split, 4 rollouts each, every pair whose reward gap exceeds 0.1; SIPO with β = 20000 (at the
-#: preset's β = 1000 both residuals climb: SIPO Fig. 8c's small-β drift), lr 5e-5, 150 steps, weight EMA 0.98;
-#: 48 held-out prompts × 4 seeds.
-TOY_ROUNDS: dict[str, Any] = {
+#: One online round on the toy world, the first embedded default (kept: bench/rounds.py, bench/one_round.py and the
+#: claims report measure against it): every prompt of the toy training split, 4 rollouts each, every pair whose
+#: reward gap exceeds 0.1; SIPO with β = 20000 (at the preset's β = 1000 both residuals climb: SIPO Fig. 8c's
+#: small-β drift), lr 5e-5, 150 steps, weight EMA 0.98; 48 held-out prompts × 4 seeds.
+TOY_ONE_ROUND: dict[str, Any] = {
     "rounds": 1,
     "generation": {"prompts": "toy:train", "prompt_limit": 168, "samples_per_prompt": 4, "pairing": "all",
                    "min_reward_gap": 0.1, "batch_size": 64, "num_actors": 2,
@@ -27,12 +27,25 @@ TOY_ROUNDS: dict[str, Any] = {
     "eval": {"prompts": "toy:heldout", "num_prompts": 48, "samples": 4},
 }
 
-#: The sweep's default (jobs/sweep.py): round 0 of a shortened TOY_ROUNDS (96 prompts, 100 steps) as 2
+#: The embedded default of jobs/iterative_sipo.py: three online rounds of SIPO at β = 500 and lr 2e-4 with the
+#: SDPO safeguard (μ = 0.9, the authors' SD 1.5 value) and AdamW's state carried from round to round; otherwise
+#: TOY_ONE_ROUND. Why (docs/rounds.md, bench/results/rounds.md): β 500 at lr 2e-4 is the first setting whose
+#: rounds move the policy, and without the safeguard it does so by denoising worse (speckled images, the
+#: training prompts' reward falling); a fresh optimizer each round takes back part of the previous round.
+TOY_ROUNDS: dict[str, Any] = {
+    **TOY_ONE_ROUND,
+    "rounds": 3,
+    "carry_optimizer": True,
+    "train": {**TOY_ONE_ROUND["train"], "lr": 2e-4,
+              "objective": {"name": "sipo", "beta": 500.0, "safeguard": {"mu": 0.9}}},
+}
+
+#: The sweep's default (jobs/sweep.py): round 0 of a shortened TOY_ONE_ROUND (96 prompts, 100 steps) as 2
 #: segments, a 2×2 grid over μ (null = the safeguard off) and β, each segment scored on 16 held-out prompts ×
 #: 2 seeds, so that the sweep fits about 10 minutes on a 2-core machine.
 TOY_SWEEP: dict[str, Any] = {
-    "rounds": {**TOY_ROUNDS, "generation": {**TOY_ROUNDS["generation"], "prompt_limit": 96},
-               "train": {**TOY_ROUNDS["train"], "max_steps": 100}},
+    "rounds": {**TOY_ONE_ROUND, "generation": {**TOY_ONE_ROUND["generation"], "prompt_limit": 96},
+               "train": {**TOY_ONE_ROUND["train"], "max_steps": 100}},
     "trial": {"eval": {"num_prompts": 16, "samples": 2}},
     "search": "grid",
     "grid": {"mu": [None, 0.5], "beta": [5000.0, 20000.0]},
@@ -45,6 +58,7 @@ TOY_SWEEP: dict[str, Any] = {
 #: jobs/train.py and jobs/generate_pairs.py start from the dataclass defaults (the shipped toy reference).
 RECIPES: dict[str, dict[str, Any]] = {
     "toy-rounds": TOY_ROUNDS,
+    "toy-one-round": TOY_ONE_ROUND,
     "toy-sweep": TOY_SWEEP,
     "defaults": {},
 }

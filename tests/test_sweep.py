@@ -143,7 +143,7 @@ def test_optuna_sweep_two_trials_at_a_time(tiny_toy_model_dir, grid_sweep, tmp_p
 
 
 def test_config_errors_name_the_field():
-    from pipeline.recipes import TOY_ROUNDS
+    from pipeline.recipes import TOY_ONE_ROUND
 
     with pytest.raises(SystemExit, match="unknown config field 'segmentz'; did you mean 'segments'"):
         sweep.build(sweep.parse_args(["--set", "segmentz=2"]))
@@ -155,10 +155,10 @@ def test_config_errors_name_the_field():
         sweep.build(sweep.parse_args(["--search", "optuna", "--set", "space.beta=[0,10]"]))
     cfg = sweep.build(sweep.parse_args(["--search", "optuna", "--num-samples", "5", "--set", "rounds.train.lr=1e-4"]))
     assert cfg.search == "optuna" and cfg.trials == 5 and cfg.rounds.train.lr == 1e-4
-    # the tuned run: the toy-rounds recipe, shortened to fit the sweep's budget
+    # the tuned run: the toy-one-round recipe, shortened to fit the sweep's budget
     assert cfg.rounds.generation.prompt_limit == 96 and cfg.rounds.train.max_steps == 100
-    assert cfg.rounds.generation.samples_per_prompt == TOY_ROUNDS["generation"]["samples_per_prompt"]
-    assert cfg.rounds.train.objective.beta == TOY_ROUNDS["train"]["objective"]["beta"]
+    assert cfg.rounds.generation.samples_per_prompt == TOY_ONE_ROUND["generation"]["samples_per_prompt"]
+    assert cfg.rounds.train.objective.beta == TOY_ONE_ROUND["train"]["objective"]["beta"]
     assert cfg.trial_rounds().eval.num_prompts == 16 and cfg.rounds.eval.num_prompts == 48
     default = sweep.build(sweep.parse_args([]))
     assert default.trials == 4 and default.step_size * default.segments == 100
