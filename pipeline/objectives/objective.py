@@ -81,8 +81,8 @@ class ObjectiveConfig:
     # from falling while the margin grows (both residuals climb under DPO alone, docs/rounds.md). 0 = off.
     sft: float = 0.0
     # Train only on noise levels t ≥ t_min·T (a fraction of the schedule): the layout that a compositional reward
-    # judges (count, position, shape) is decided at high noise, while low-noise steps only refine detail, where
-    # pushing the loser's residual up teaches the model sampler noise (speckle, docs/rounds.md). 0 = every step.
+    # judges (count, position, shape) is decided at high noise, low-noise steps refine detail. It does not keep
+    # the low-noise steps as they were (they share the weights): docs/rounds.md measures it. 0 = every step.
     t_min: float = 0.0
     safeguard: SafeguardConfig | None = None
 
