@@ -323,9 +323,9 @@ def summarise(arms: dict, ref: np.ndarray) -> dict:
 
 def part_online(bench: Bench, sweep: dict, seed: int) -> dict:
     """SIPO Fig. A1 through the product's round loop: Diffusion-DPO and SIPO, each at its own best β, for
-    ``online_rounds`` rounds (fixed reference, a fresh optimizer per round, the embedded default's settings
-    otherwise) with rollouts and training seeded by ``seed``; per round the held-out rewards of the job's own
-    evaluation (the same prompts and sample seeds for both arms and every round)."""
+    ``online_rounds`` rounds (fixed reference, a fresh optimizer per round, the settings of the first embedded
+    default, recipe ``toy-one-round``, otherwise) with rollouts and training seeded by ``seed``; per round the
+    held-out rewards of the job's own evaluation (the same prompts and sample seeds for both arms and every round)."""
     from pipeline.recipes import recipe
     from pipeline.rounds import RoundsConfig, load_eval, run_rounds
 
