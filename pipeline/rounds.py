@@ -16,7 +16,7 @@ Run directory::
                                      train_metrics.json, pairs_manifest.json, _COMPLETE
     run_dir/.round_<k>.work/         the round in progress: pairs (idempotent), Ray Train storage (resumable)
     run_dir/tensorboard/round_<k>/   TensorBoard events and progress.jsonl (a point every train.log_every steps)
-    run_dir/summary.md, summary.json, curves.png, reward.png
+    run_dir/summary.md, summary.json, curves.png, reward.png, delta.png
     run_dir/final_model/             diffusers-format folder of the last policy
 
 A finished round is published by an atomic rename with a completion marker; rerunning the job skips
@@ -436,7 +436,8 @@ def hacking_warnings(rows: list[dict]) -> list[str]:
 
 def _write_summary(run_dir: Path, rows: list[dict]) -> None:
     """``summary.md`` (a header naming the model, config, evaluation and interval method; the table; a legend
-    of its columns), ``summary.json``, ``reward.png``, ``curves.png`` and each round's ``paired_grid.png``."""
+    of its columns), ``summary.json``, ``reward.png``, ``delta.png`` (the paired Δ vs the reference), ``curves.png``
+    and each round's ``paired_grid.png``."""
     record = {}
     if (run_dir / "run_config.json").is_file():
         try:
@@ -523,6 +524,12 @@ def _write_summary(run_dir: Path, rows: list[dict]) -> None:
                    [r["reward"]["ci_high"] for r in rows], run_dir / "reward.png", ylabel="held-out reward",
                    band=(rw["mean"], rw["ci_low"], rw["ci_high"]), band_label="reference (95% CI)",
                    title=f"held-out reward per round (95% CI over {n_prompts or '?'} prompts)")
+    # the intervals above overlap where the paired difference does not: the same samples' Δ, round by round
+    deltas = [r["delta_vs_ref"] for r in trained]
+    plot_intervals([r["round"] for r in trained], [d["mean"] for d in deltas], [d["ci_low"] for d in deltas],
+                   [d["ci_high"] for d in deltas], run_dir / "delta.png", ylabel="policy − reference, paired",
+                   band=(0.0, 0.0, 0.0), band_label="reference",
+                   title=f"paired Δ vs the reference per round (95% CI over {n_prompts or '?'} prompts)")
     histories = [r["history"] for r in trained]
     if any(h.get("loss") is not None for hist in histories for h in hist):
         plot_training_curves(histories, run_dir / "curves.png", xlabel="optimizer step (all rounds)",

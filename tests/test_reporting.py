@@ -104,7 +104,7 @@ def test_summary_for_a_toy_reward_has_a_header_the_attribute_columns_and_a_legen
     assert data[2][data[0].index("λ")] == "0.800" and data[2][data[0].index("pairs")] == "12"
     assert "Columns:" in text and "- **Δ vs ref, paired**" in text and "- **colour**" in text
     # reward.png, curves.png; rows carry the paired Δ and win rate
-    for f in ("summary.json", "reward.png", "curves.png"):
+    for f in ("summary.json", "reward.png", "delta.png", "curves.png"):
         assert (run / f).read_bytes()[:4] == b"\x89PNG" or f.endswith(".json")
     assert rows[1]["delta_vs_ref"]["mean"] == pytest.approx((pol - ref).mean())
     assert rows[0]["delta_vs_ref"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}
