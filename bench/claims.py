@@ -544,12 +544,12 @@ def _arms_section(part: dict | None, title: str, what: str, b: Budget) -> list[s
     same = [k for k in arms if "+sdpo@" in k and k.replace("+sdpo", "") in arms and np.allclose(
         arms[k]["vs_reference"]["per_seed"], arms[k.replace("+sdpo", "")]["vs_reference"]["per_seed"], rtol=0, atol=1e-4)]
     if same:  # computed from the arms, not asserted: which safeguarded arms changed nothing
+        why = (" In DSPO's SD 1.5 form the loser enters only through z, inside the winner's shift β·(1 − σ(z)); at "
+               "β = 0.001 that shift is ≈ 5·10⁻⁴, so the loss is the winner's own denoising loss (fine-tuning on winners) "
+               "and the loser's gradient, which λ scales, is ≈ 10⁻⁷ of it (`pipeline/objectives/losses.py: dspo_loss`). "
+               "The safeguard has nothing to act on at this β.") if all(k.startswith("dspo+") for k in same) else ""
         L += ["", f"{', '.join(f'`{k}`' for k in same)}: per seed, the reward of the arm without the safeguard to within "
-              "10⁻⁴. In DSPO's "
-              "SD 1.5 form the loser enters only through z, inside the winner's shift β·(1 − σ(z)); at β = 0.001 that "
-              "shift is ≈ 5·10⁻⁴, so the loss is the winner's own denoising loss (fine-tuning on winners) and the loser's "
-              "gradient, which λ scales, is ≈ 10⁻⁷ of it (`pipeline/objectives/losses.py: dspo_loss`). The safeguard "
-              "has nothing to act on at this β."]
+              f"10⁻⁴.{why}"]
     return L + [""]
 
 

@@ -177,7 +177,8 @@ def run(names: list[str]) -> None:
     for name in names:
         spec = VARIANTS[name]
         cfg = rounds_config(spec["set"])
-        guard_run_dir(WORK / name, {"rounds": cfg, "eval_at": spec["eval_at"]}, job="bench/one_round")
+        guarded = {"rounds": cfg, "eval_at": spec["eval_at"], **({"data": spec["data"]} if "data" in spec else {})}
+        guard_run_dir(WORK / name, guarded, job="bench/one_round")  # the training data is part of what it measured
         t0 = time.time()
         log = lambda msg: print(f"[{time.time() - t0:6.0f}s] {name} · {msg}", flush=True)  # noqa: E731
         data, manifest = ground_truth_pairs() if spec.get("data") == "ground-truth" else round0_pairs(cfg)
