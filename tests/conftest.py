@@ -102,3 +102,44 @@ def tiny_train_config(tiny_toy_model_dir):
         return TrainConfig(**{**base, **kw})
 
     return make
+
+
+def write_rendered_pairs(folder, num_prompts: int = 6, seed: int = 0):
+    """A pairs folder (pair schema, ``strategy="onpolicy"``) of the toy renderer's images: per training prompt, the
+    correct render (winner) and a render of the prompt with one attribute changed (loser), scored by the
+    verifiable reward. Real toy images and real rewards in a second, without a model."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.data.pairing import pair_row, rows_to_table
+    from pipeline.human.study import png_bytes
+    from pipeline.toyworld import score, train_specs
+    from pipeline.toyworld.grammar import differ_in
+    from pipeline.toyworld.renderer import render, to_tensor
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, spec in enumerate(train_specs()[:num_prompts]):
+        wrong = differ_in(spec, ("colour", "shape", "count")[i % 3], rng)
+        images = np.stack([render(spec, 100 + i), render(wrong, 200 + i)])
+        rewards = score(to_tensor(images), [spec.text, spec.text]).reward
+        lat = to_tensor(images).numpy()
+        rows.append(pair_row(strategy="onpolicy", round_=0, policy_version="render", prompt=spec.text, perturbed="",
+                             seed_w=100 + i, seed_l=200 + i, reward_w=float(rewards[0]), reward_l=float(rewards[1]),
+                             stats=(float(np.mean(rewards)), float(np.std(rewards)), 2), latent_w=lat[0], latent_l=lat[1],
+                             png_w=png_bytes(images[0]), png_l=png_bytes(images[1])))
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(rows_to_table(rows), folder / "part-0.parquet")
+    return folder
+
+
+@pytest.fixture()
+def rendered_study(tmp_path):
+    """A study folder (3 groups × 4 annotators) of 6 rendered toy pairs: ``(folder, StudyStore)``."""
+    from pipeline.config import build
+    from pipeline.human.study import StudyConfig, create_study, open_study
+
+    pairs = write_rendered_pairs(tmp_path / "pairs")
+    cfg = build(StudyConfig, {"name": "rendered", "source": "pairs", "pairs": str(pairs)})
+    create_study(cfg, tmp_path / "study")
+    return tmp_path / "study", open_study(tmp_path / "study")

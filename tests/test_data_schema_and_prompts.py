@@ -10,7 +10,7 @@ from pipeline.data.generate import GenerationConfig
 from pipeline.data.perturb import aesthetic_template, perturb, prompt_rng, rand_removal
 from pipeline.data.prompts import load_prompts
 from pipeline.data.schema import PAIR_SCHEMA, SchemaError, latents_of, read_pairs, validate_table
-from pipeline.data.pairing import _rows_to_table, pairs_from_rollouts
+from pipeline.data.pairing import rows_to_table, pairs_from_rollouts
 
 
 def rollout_group(rewards, shape=(3, 4, 4)):
@@ -59,7 +59,7 @@ def test_schema_roundtrip_and_errors(tmp_path):
         validate_table(short, "short")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_pairs(tmp_path / "nope")
-    assert _rows_to_table([]).schema == PAIR_SCHEMA
+    assert rows_to_table([]).schema == PAIR_SCHEMA
 
 
 def test_prompt_sources(tmp_path):

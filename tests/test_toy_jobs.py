@@ -50,7 +50,7 @@ def test_evaluate_job_writes_its_report(tiny_toy_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("job", ["pretrain_toy.py", "evaluate_toy.py", "iterative_sipo.py", "sweep.py", "train.py",
-                                 "generate_pairs.py"])
+                                 "generate_pairs.py", "human_study.py"])
 def test_jobs_have_help_and_print_config(job):
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage:" in out.stdout and "--print-config" in out.stdout

@@ -32,7 +32,7 @@ from ..toyworld.reference import REFERENCE_DIR
 from ..utils.atomic import NotOurOutput, atomic_directory, check_replaceable, is_complete
 from . import pairing, stages
 from .perturb import PERTURBATIONS
-from .schema import MANIFEST, STRATEGIES, folder_checksums, read_pairs
+from .schema import GENERATED_STRATEGIES, MANIFEST, folder_checksums, read_pairs
 
 PARQUET_DIR = "pairs"
 LIGHT_STAGE_CPUS = 0.25
@@ -70,7 +70,7 @@ class GenerationConfig:
     def __post_init__(self):
         sections(self, sampler=SamplerConfig)
         checks = [
-            ("strategy", self.strategy in STRATEGIES, f"one of {STRATEGIES}"),
+            ("strategy", self.strategy in GENERATED_STRATEGIES, f"one of {GENERATED_STRATEGIES}"),
             ("perturb", self.perturb in PERTURBATIONS, f"one of {PERTURBATIONS}"),
             ("pairing", self.pairing in ("best-worst", "all"), "'best-worst' or 'all'"),
             ("samples_per_prompt", self.samples_per_prompt >= 2 or self.strategy != "onpolicy", ">= 2 for onpolicy"),

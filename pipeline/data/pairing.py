@@ -41,7 +41,7 @@ def expand_samples(row: dict[str, Any], *, samples_per_prompt: int, seed: int, r
 
 
 # --------------------------------------------------------------------------------- pairing
-def _pair_row(*, strategy: str, round_: int, policy_version: str, prompt: str, perturbed: str, seed_w: int,
+def pair_row(*, strategy: str, round_: int, policy_version: str, prompt: str, perturbed: str, seed_w: int,
               seed_l: int, reward_w: float, reward_l: float, stats: tuple[float, float, int], latent_w: np.ndarray,
               latent_l: np.ndarray, png_w: bytes, png_l: bytes) -> dict[str, Any]:
     return {
@@ -56,7 +56,7 @@ def _pair_row(*, strategy: str, round_: int, policy_version: str, prompt: str, p
     }
 
 
-def _rows_to_table(rows: list[dict[str, Any]]):
+def rows_to_table(rows: list[dict[str, Any]]):
     """Pair rows → an Arrow table in the pair schema (latents as list<float32> built without Python lists)."""
     if not rows:
         return PAIR_SCHEMA.empty_table()
@@ -92,18 +92,18 @@ def pairs_from_rollouts(group: Batch, *, pairing: str, min_gap: float, round_: i
         if rewards[i] - rewards[j] <= min_gap:
             continue
         a, b = order[i], order[j]
-        rows.append(_pair_row(
+        rows.append(pair_row(
             strategy="onpolicy", round_=round_, policy_version=policy_version, prompt=str(group["prompt"][a]),
             perturbed="", seed_w=group["seed"][a], seed_l=group["seed"][b], reward_w=rewards[i], reward_l=rewards[j],
             stats=stats, latent_w=group["latent"][a], latent_l=group["latent"][b],
             png_w=group["png"][a], png_l=group["png"][b]))
-    return _rows_to_table(rows)
+    return rows_to_table(rows)
 
 
 def pairs_from_ddspo(batch: Batch, *, round_: int, policy_version: str):
     """Paired DDSPO: winner rendered from c, loser from c⁻ with the same seed (label-free)."""
     nan = float("nan")
-    rows = [_pair_row(strategy="ddspo-paired", round_=round_, policy_version=policy_version,
+    rows = [pair_row(strategy="ddspo-paired", round_=round_, policy_version=policy_version,
                       prompt=str(batch["prompt"][i]), perturbed=str(batch["perturbed_prompt"][i]),
                       seed_w=batch["seed"][i], seed_l=batch["seed"][i],
                       reward_w=batch["reward_w"][i] if "reward_w" in batch else nan,
@@ -111,7 +111,7 @@ def pairs_from_ddspo(batch: Batch, *, round_: int, policy_version: str):
                       latent_w=batch["latent_w"][i], latent_l=batch["latent_l"][i],
                       png_w=batch["png_w"][i], png_l=batch["png_l"][i])
             for i in range(len(batch["prompt"]))]
-    return _rows_to_table(rows)
+    return rows_to_table(rows)
 
 
 def pairs_borrowing_losers(group: Batch, *, strategy: str, seed: int, round_: int, policy_version: str):
@@ -123,7 +123,7 @@ def pairs_borrowing_losers(group: Batch, *, strategy: str, seed: int, round_: in
     order = np.argsort(group["prompt_id"])
     n = len(order)
     if n < 2:
-        return _rows_to_table([])
+        return rows_to_table([])
     import torch  # only this strategy needs it; keeps the module light for every other task
 
     from ..objectives import derangement
@@ -134,9 +134,9 @@ def pairs_borrowing_losers(group: Batch, *, strategy: str, seed: int, round_: in
     for i in range(n):
         a, b = order[i], order[int(perm[i])]
         perturbed = str(group["prompt"][b]) if strategy == "rand-positive" else str(group["perturbed_prompt"][a])
-        rows.append(_pair_row(strategy=strategy, round_=round_, policy_version=policy_version,
+        rows.append(pair_row(strategy=strategy, round_=round_, policy_version=policy_version,
                               prompt=str(group["prompt"][a]), perturbed=perturbed, seed_w=group["seed"][a],
                               seed_l=group["seed"][b], reward_w=nan, reward_l=nan, stats=(nan, nan, 0),
                               latent_w=group["latent"][a], latent_l=group["latent"][b],
                               png_w=group["png"][a], png_l=group["png"][b]))
-    return _rows_to_table(rows)
+    return rows_to_table(rows)

@@ -26,7 +26,10 @@ import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
 
-STRATEGIES = ("ddspo-paired", "rand-positive", "not-paired", "onpolicy")
+#: how a pair was made: the generation strategies (jobs/generate_pairs.py) and "human" (labels from a human study,
+#: pipeline/human/export.py)
+GENERATED_STRATEGIES = ("ddspo-paired", "rand-positive", "not-paired", "onpolicy")
+STRATEGIES = (*GENERATED_STRATEGIES, "human")
 
 PAIR_SCHEMA = pa.schema([
     ("schema_version", pa.int32()),

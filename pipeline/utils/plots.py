@@ -293,3 +293,52 @@ def plot_intervals(labels: Sequence[str], mean: Sequence[float], low: Sequence[f
     ax.set_xticklabels(list(labels), fontsize=8)
     ax.set_xlim(-0.5, len(x) - 0.5)
     _finish(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title)
+
+
+def plot_preference(labels: Sequence[str], intervals: Sequence[Mapping | None], splits: Sequence[Mapping | None],
+                    path: str | Path, *, a_name: str = "A", b_name: str = "B", title: str = "") -> None:
+    """A pairwise preference study in two panels sharing the x positions ``labels`` (e.g. all groups, then
+    each group): left, A's win rate with its interval ``{"mean", "ci_low", "ci_high"}`` against the 0.5 of no
+    preference; right, the win / tie / loss fractions ``{"win", "tie", "loss"}`` as stacked bars. The first
+    position is drawn apart (it is the pooled result). A None entry leaves its position empty."""
+    x = list(range(len(labels)))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8.0, 1.5 * len(x) + 4.5), 3.8), dpi=120)
+    left.axhline(0.5, color="grey", lw=1, ls="--", label="no preference (0.5)")
+    for i, m in zip(x, intervals):
+        if m is None or m.get("mean") is None:
+            continue
+        y = float(m["mean"])
+        err = [[y - float(m["ci_low"])], [float(m["ci_high"]) - y]]
+        left.errorbar([i], [y], yerr=err, fmt="D" if i == 0 else "o", color="C3" if i == 0 else "C0", capsize=4,
+                      lw=1.4, label=("pooled (95% CI)" if i == 0 else "group (95% CI)") if i <= 1 else None)
+        left.annotate(f"{y:.2f}", (i, y), textcoords="offset points", xytext=(7, -3), fontsize=7)
+    left.set_ylim(0, 1)
+    left.set_ylabel(f"win rate of {a_name}\nover {b_name}")
+    left.set_title("win rate (ties count ½)", fontsize=10)
+    parts = (("win", f"{a_name} preferred", "#4C72B0"), ("tie", "tie", "#BBBBBB"),
+             ("loss", f"{b_name} preferred", "#DD8452"))
+    bottom = [0.0] * len(x)
+    for key, name, color in parts:
+        h = [float(s[key]) if s is not None and s.get(key) is not None else 0.0 for s in splits]
+        right.bar(x, h, bottom=bottom, color=color, width=0.6, label=name)
+        for i, (b, v) in enumerate(zip(bottom, h)):
+            if v >= 0.06:
+                right.text(i, b + v / 2, f"{v:.0%}", ha="center", va="center", fontsize=7)
+        bottom = [b + v for b, v in zip(bottom, h)]
+    right.set_ylim(0, 1.2)  # room above the bars for the legend
+    right.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    right.set_ylabel("fraction of labelled items")
+    right.set_title("win / tie / loss", fontsize=10)
+    for ax in (left, right):
+        ax.set_xticks(x)
+        ax.set_xticklabels(list(labels), fontsize=8)
+        ax.set_xlim(-0.6, len(x) - 0.4)
+        if len(x) > 1:
+            ax.axvline(0.5, color="grey", lw=0.8, ls=":")
+        ax.grid(alpha=0.3, axis="y")
+    left.legend(fontsize=7, loc="lower right", framealpha=0.85)
+    right.legend(fontsize=7, loc="upper center", ncol=3, framealpha=0.85)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write_bytes(path, _png(fig))
