@@ -59,7 +59,7 @@ def _groups(r: Mapping) -> list[str]:
     rows = [("all groups", len(r["annotators"]) - len(r["qc"]["excluded"]), r["num_labelled"], fmt_ci(r["win_rate"]),
              _wtl(r["counts"], r["fractions"]), fmt_num(r["kappa"]), r["n_items_kappa"])]
     for g, row in r["groups"].items():
-        rows.append((f"group {g}", len(row["annotators"]), row["num_labelled"], fmt_ci(row["win_rate"]),
+        rows.append((f"group {int(g) + 1}", len(row["annotators"]), row["num_labelled"], fmt_ci(row["win_rate"]),
                      _wtl(row["counts"], row["fractions"]), fmt_num(row["kappa"]), row["n_items_kappa"]))
     cols = ("scope", "annotators (included)", "labelled items", "win rate of A [95% CI]", "W / T / L",
             "Fleiss' κ", "items for κ")
@@ -86,7 +86,7 @@ def _qc(r: Mapping) -> list[str]:
     lines = ["## Quality control", "", f"Exclusion rules — {_thresholds(qc['thresholds'])}.", ""]
     if not qc["flagged"]:
         return lines + ["No annotator was excluded."]
-    rows = [(f["annotator"], f["group"], "; ".join(f["reasons"])) for f in qc["flagged"]]
+    rows = [(f["annotator"], f["group"] + 1, "; ".join(f["reasons"])) for f in qc["flagged"]]
     table = markdown_table(("annotator", "group", "reason"), rows)
     return lines + [f"Excluded before counting ({len(rows)}):", "", table]
 
@@ -95,7 +95,7 @@ def _annotators(r: Mapping) -> list[str]:
     def agree(a):
         return MISSING if a["fraction"] is None else f"{a['fraction']:.2f} ({a['n']})"
 
-    rows = [(a["annotator"], a["group"], "excluded" if a["excluded"] else "included", a["assigned"], a["A"], a["B"],
+    rows = [(a["annotator"], a["group"] + 1, "excluded" if a["excluded"] else "included", a["assigned"], a["A"], a["B"],
              a["tie"], a["skipped"], a["unanswered"], fmt_num(a["left_fraction"], digits=2),
              agree(a["agreement_group"]), agree(a["agreement_final"])) for a in r["annotators"]]
     cols = ("annotator", "group", "status", "assigned", "A", "B", "tie", "skipped", "unanswered", "left fraction",
@@ -119,7 +119,7 @@ def _protocol(a: str, b: str) -> list[str]:
 
 
 def _plot(r: Mapping, path: Path, a: str, b: str, title: str) -> None:
-    labels = ["all groups"] + [f"group {g}" for g in r["groups"]]
+    labels = ["all groups"] + [f"group {int(g) + 1}" for g in r["groups"]]
     intervals = [r["win_rate"]] + [g["win_rate"] for g in r["groups"].values()]
     splits = [r["fractions"]] + [g["fractions"] for g in r["groups"].values()]
     plot_preference(labels, intervals, splits, path, a_name=a, b_name=b, title=title)
