@@ -259,7 +259,7 @@ def test_report_files_name_both_systems_and_the_exclusions(tmp_path):
     assert "**round 2 policy** (A) vs **reference** (B)" in md
     assert "0.500 [0.500, 0.500]" in md and "no clear preference" in md
     assert "| lefty | 1 | same side almost always: 12 of 12" in md  # groups are numbered from 1 for people
-    assert "| skipper | 0 | skips many items: 4 skipped + 6 unanswered of 12 assigned" in md
+    assert "| skipper | 1 | skips many items: 4 skipped + 6 unanswered of 12 assigned" in md
     assert "| group 1 | 2 | 12 |" in md and "## Protocol" in md
     png = (tmp_path / "report" / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
