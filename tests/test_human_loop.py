@@ -174,3 +174,29 @@ def implicit_margin(engine, data, draws: int = 16) -> float:
         return float(np.mean([float(preference_step(engine.backbone, engine.objective, batch, reference=engine.reference,
                                                     generator=torch.Generator().manual_seed(k)).metrics["margin"])
                               for k in range(draws)]))
+
+
+def test_a_study_of_two_models_samples_both_on_the_same_prompts_and_seeds(tiny_toy_model_dir, tmp_path):
+    import shutil
+
+    from pipeline.evaluation import eval_seeds
+    from pipeline.human.store import StudyError
+
+    run_dir = tmp_path / "run"  # a run directory as jobs/iterative_sipo.py leaves it: the model in final_model/
+    shutil.copytree(tiny_toy_model_dir, run_dir / "final_model")
+    cfg = build(StudyConfig, {"name": "models", "model_a": str(run_dir), "model_b": str(tiny_toy_model_dir),
+                              "max_prompts": 3, "seeds_per_prompt": 2, "sampler": {"num_steps": 2}})
+    meta = create_study(cfg, tmp_path / "study")
+    assert meta["systems"]["A"] == {"name": "run", "source": str((run_dir / "final_model").resolve())}
+    assert meta["num_items"] == 6 and meta["num_prompts"] == 3
+    store = open_study(tmp_path / "study")
+    items = store.items()
+    assert [(i["seed_a"], i["seed_b"]) for i in items] == [(s, s) for s in eval_seeds(3, 2)]
+    assert [i["prompt_index"] for i in items] == [0, 0, 1, 1, 2, 2]
+    a, b = store.sample(items[0]["item_id"], "A"), store.sample(items[0]["item_id"], "B")
+    assert a["latent"].shape == (3, 32, 32) and a["png"][:4] == b"\x89PNG"
+    # the same weights and the same seed give the same image: the comparison is paired
+    assert np.array_equal(a["latent"], b["latent"]) and a["reward"] == b["reward"] is not None
+    with pytest.raises(StudyError, match="not a model folder"):
+        create_study(build(StudyConfig, {"model_a": str(tmp_path)}), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
