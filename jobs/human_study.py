@@ -112,6 +112,9 @@ def _report(args) -> int:
     from pipeline.reporting import fmt_ci
 
     store = open_study(args.study)
+    if not store.votes():
+        raise SystemExit(f"error: {args.study} has no votes yet; serve it (python jobs/human_study.py serve --study "
+                         f"{args.study}) and hand out the links in {args.study / 'links.md'}")
     meta, result = _aggregate(store)
     out = args.out or args.study / "report"
     names = {k: v["name"] for k, v in meta["systems"].items()}

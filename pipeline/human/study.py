@@ -74,10 +74,10 @@ def resolve_model(path: str | Path) -> Path:
     ``model/``)."""
     path = Path(path)
     for candidate in (path, path / "final_model", path / "model"):
-        if any((candidate / name).is_file() for name in ("model_index.json", "unet/config.json", "transformer/config.json")):
+        if any((candidate / f).is_file() for f in ("model_index.json", "unet/config.json", "transformer/config.json")):
             return candidate
-    raise StudyError(f"{path}: not a model folder (model_index.json, unet/ or transformer/) nor a run directory with final_model/ or "
-                     f"model/ inside; run `python jobs/iterative_sipo.py` first or pass a model folder")
+    raise StudyError(f"{path}: not a model folder (model_index.json, unet/ or transformer/) nor a run directory with "
+                     f"final_model/ or model/ inside; run `python jobs/iterative_sipo.py` first or pass a model folder")
 
 
 def png_bytes(image: np.ndarray) -> bytes:
