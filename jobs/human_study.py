@@ -16,7 +16,8 @@ every item, in a random order per group, with left/right drawn per item; a perso
 (or skips). The report takes the majority within each group (a shared top, such as 2–2, is a tie), then the
 strict majority across groups (none is a tie), and gives the win rate with ties as ½ and a bootstrap interval
 over prompts, agreement (Fleiss' κ), and the annotators excluded by quality control. docs/human_eval.md has the
-details.
+details. Every command takes ``--help`` and ``--print-config`` (``create``: the resolved StudyConfig tree; the
+others: their options), which prints and exits.
 """
 
 from __future__ import annotations

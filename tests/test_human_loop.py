@@ -106,7 +106,7 @@ def test_training_on_human_labels_moves_the_policys_preference_their_way(tmp_pat
     from pipeline.training.engine import PairData, train_in_process
     from test_human_server import Server, request, tokens, vote
 
-    prompts, per_prompt = 24, 4
+    prompts, per_prompt = 12, 4
     _toy_rollout_pairs(tmp_path / "pairs", prompts, per_prompt)
     # the pairs' own order is hidden from the annotators (A = the dataset's winner, sides random)
     create_study(build(StudyConfig, {"name": "loop", "source": "pairs", "pairs": str(tmp_path / "pairs"),
@@ -140,7 +140,7 @@ def test_training_on_human_labels_moves_the_policys_preference_their_way(tmp_pat
     assert result["reward_agreement"]["fraction"] == 1.0 and result["win_rate"]["mean"] > 0.9  # they follow the reward
     export_pairs(store, result, tmp_path / "human_pairs")
     table = read_pairs(tmp_path / "human_pairs")
-    assert table.num_rows >= 40 and set(table.column("strategy").to_pylist()) == {"human"}
+    assert table.num_rows >= 20 and set(table.column("strategy").to_pylist()) == {"human"}
 
     # train on the labels, and on the same pairs with the labels reversed (same steps, same seeds), then ask each
     # policy's implicit reward (DPO: how much better than the reference it explains a sample, what the objective
@@ -149,9 +149,10 @@ def test_training_on_human_labels_moves_the_policys_preference_their_way(tmp_pat
     # measurably either way — docs/human_eval.md.)
     data = PairData.from_table(table)
     cfg = build(TrainConfig, {"objective": {"name": "sipo", "beta": 1000.0, "safeguard": {"mu": 0.9}}, "lr": 1e-4,
-                              "max_steps": 60, "batch_size": 8, "torch_threads": 2, "report_to": []})
+                              "max_steps": 30, "batch_size": 8, "torch_threads": 2, "report_to": []})
     everything = np.arange(len(data))
     margins = [implicit_margin(train_in_process(cfg, subset(data, everything, reverse=r)), data) for r in (False, True)]
+    print(f"{table.num_rows} pairs; implicit-reward margin of the human winners: {margins} (labels, reversed labels)")
     assert margins[0] > 0 > margins[1], margins
 
 
