@@ -98,16 +98,8 @@ def _serve(args) -> int:
     return 0
 
 
-def _aggregate(store):
-    from pipeline.config import build
-    from pipeline.human.aggregate import QualityControl, aggregate
-
-    meta = store.meta()
-    qc = build(QualityControl, meta["config"].get("qc", {}))
-    return meta, aggregate(store.votes(), store.assignments(), store.items(), qc=qc)
-
-
 def _report(args) -> int:
+    from pipeline.human.aggregate import aggregate_study
     from pipeline.human.report import write_report
     from pipeline.human.store import open_study
     from pipeline.reporting import fmt_ci
@@ -116,7 +108,7 @@ def _report(args) -> int:
     if not store.votes():
         raise SystemExit(f"error: {args.study} has no votes yet; serve it (python jobs/human_study.py serve --study "
                          f"{args.study}) and hand out the links in {args.study / 'links.md'}")
-    meta, result = _aggregate(store)
+    meta, result = store.meta(), aggregate_study(store)
     out = args.out or args.study / "report"
     names = {k: v["name"] for k, v in meta["systems"].items()}
     path = write_report(result, out, names=names, title=f"Human study {meta['name']!r}")
@@ -127,12 +119,12 @@ def _report(args) -> int:
 
 
 def _export_pairs(args) -> int:
+    from pipeline.human.aggregate import aggregate_study
     from pipeline.human.export import export_pairs
     from pipeline.human.store import open_study
 
     store = open_study(args.study)
-    _, result = _aggregate(store)
-    manifest = export_pairs(store, result, args.out)
+    manifest = export_pairs(store, aggregate_study(store), args.out)
     print(f"wrote {manifest['num_pairs']} pairs to {args.out} (labels {manifest['labels']}; ties dropped); "
           f"train with: python jobs/train.py --pairs {args.out} --out runs/train_human")
     return 0

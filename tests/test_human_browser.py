@@ -10,10 +10,6 @@ to also save the mid-study screenshot there (docs/human_eval_app.png).
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +17,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from human_app import Server, free_port
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WAIT_S = 30  # the CI machine may be busy: generous explicit waits, never sleeps
@@ -42,51 +39,12 @@ def _require_browser():
         pytest.skip(message)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=10) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
-
-
-def _start_server(study: Path, port: int, log: Path) -> subprocess.Popen:
-    out = open(log, "wb")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "human_study.py"), "serve", "--study", str(study),
-                             "--port", str(port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    out.close()
-    deadline = time.monotonic() + 120  # imports (numpy, torch via the config modules) on a loaded machine
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout=0.2)  # poll interval, and notices an early exit
-        except subprocess.TimeoutExpired:
-            pass
-    proc.kill()
-    raise AssertionError(f"the server did not answer on port {port} within 120 s:\n{log.read_text()}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 def _browser():
@@ -128,7 +86,7 @@ def test_annotation_app_in_a_real_browser(rendered_study, tmp_path):
     folder, _ = rendered_study
     meta = json.loads((folder / "study.json").read_text())
     forbidden = ["winner", "loser"] + [s["name"].lower() for s in meta["systems"].values()]
-    port = _free_port()
+    port = free_port()
     links = _links(folder, port)
     assert len(links) == 12
     link, other_link = links[0], links[4]  # g1-a1, and g2-a1 (another group)
@@ -136,7 +94,7 @@ def test_annotation_app_in_a_real_browser(rendered_study, tmp_path):
     total = meta["num_items"]
     assert total == 6
 
-    server = _start_server(folder, port, tmp_path / "server.log")
+    server = Server(folder, port)
     driver = None
     try:
         driver = _browser()
@@ -254,7 +212,7 @@ def test_annotation_app_in_a_real_browser(rendered_study, tmp_path):
             if driver is not None:
                 driver.quit()
         finally:
-            _stop(server)
+            server.stop()
 
     # Every item once, in the annotator's order; every image key distinct.
     store = open_study(folder)

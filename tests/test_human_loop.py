@@ -3,10 +3,8 @@ annotators answer over HTTP from the PNGs the server sends, the job aggregates a
 the project's engine trains on them. Plus the job's commands on a small study."""
 
 import json
-import re
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -104,7 +102,7 @@ def test_training_on_human_labels_moves_the_policys_preference_their_way(tmp_pat
     from pipeline.toyworld import score, to_tensor
     from pipeline.training import TrainConfig
     from pipeline.training.engine import PairData, train_in_process
-    from test_human_server import Server, request, tokens, vote
+    from human_app import Server, request, tokens, vote
 
     prompts, per_prompt = 12, 4
     _toy_rollout_pairs(tmp_path / "pairs", prompts, per_prompt)

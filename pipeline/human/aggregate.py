@@ -287,3 +287,12 @@ def aggregate(votes: list[dict], assignments: list[dict], items: list[dict] | No
         "reward_agreement": _reward_agreement(final, items),
         "group_labels": {str(g): labels[g] for g in groups},
     }
+
+
+def aggregate_study(store) -> dict:
+    """:func:`aggregate` of a study database (a :class:`.store.StudyStore`) with the quality-control thresholds the
+    study was created with: what the report, the export and the admin route all read."""
+    from ..config import build
+
+    qc = build(QualityControl, store.meta()["config"].get("qc", {}))
+    return aggregate(store.votes(), store.assignments(), store.items(), qc=qc)

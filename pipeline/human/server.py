@@ -51,21 +51,15 @@ def _json(data, status: int = 200) -> JSONResponse:
 async def _vote_body(request: Request) -> dict:
     """The vote's JSON object, read with a size cap; raises StudyError with the status to answer."""
     if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
-        err = StudyError("expected Content-Type: application/json")
-        err.status = 415
-        raise err
+        raise StudyError("expected Content-Type: application/json", status=415)
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-        err = StudyError(f"request body over {MAX_BODY} bytes")
-        err.status = 413
-        raise err
+        raise StudyError(f"request body over {MAX_BODY} bytes", status=413)
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY:
-            err = StudyError(f"request body over {MAX_BODY} bytes")
-            err.status = 413
-            raise err
+            raise StudyError(f"request body over {MAX_BODY} bytes", status=413)
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -109,9 +103,8 @@ def create_app(db: str | Path) -> Starlette:
         auth = request.headers.get("authorization", "")
         token = auth[7:] if auth.lower().startswith("bearer ") else None
         if not store.check_admin(token):
-            err = StudyError("admin routes need 'Authorization: Bearer <admin token>' (the study's admin_token.txt)")
-            err.status = 401 if token is None else 403
-            raise err
+            raise StudyError("admin routes need 'Authorization: Bearer <admin token>' (the study's admin_token.txt)",
+                             status=401 if token is None else 403)
 
     async def status(request: Request) -> Response:
         admin(request)
@@ -119,11 +112,9 @@ def create_app(db: str | Path) -> Starlette:
 
     async def results(request: Request) -> Response:
         admin(request)
-        from .aggregate import QualityControl, aggregate
-        from ..config import build
+        from .aggregate import aggregate_study
 
-        qc = build(QualityControl, meta["config"].get("qc", {}))
-        result = await run_in_threadpool(lambda: aggregate(store.votes(), store.assignments(), store.items(), qc=qc))
+        result = await run_in_threadpool(aggregate_study, store)
         return _json({"systems": meta["systems"], **result})
 
     async def home(request: Request) -> Response:

@@ -91,6 +91,11 @@ class StudyError(ValueError):
 
     status = 400
 
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
 
 class NotFound(StudyError):
     status = 404
@@ -155,7 +160,7 @@ class StudyStore:
         if not self.path.is_file():
             raise FileNotFoundError(f"study database {self.path} does not exist; create one with "
                                     f"`python jobs/human_study.py create --out {self.path.parent}`")
-        with self._connect() as con:
+        with self._read() as con:  # closes the connection (sqlite3's own context manager only commits)
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if not {"meta", "items", "votes"} <= tables:
                 raise StudyError(f"{self.path} is not a study database (tables found: {sorted(tables)})")
@@ -194,10 +199,7 @@ class StudyStore:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        store = cls(path)
-        with store._connect():  # switch to WAL once, persistently
-            pass
-        return store
+        return cls(path)  # its first connection switches the file to WAL, persistently
 
     @staticmethod
     def _insert_sample(con: sqlite3.Connection, s: SampleRecord) -> int:
@@ -457,10 +459,3 @@ def open_study(folder: str | Path) -> StudyStore:
         raise FileNotFoundError(f"{folder}: no study here (expected {DB_FILE}); create one with "
                                 f"`python jobs/human_study.py create --out {folder}`")
     return StudyStore(db)
-
-
-def admin_token(folder: str | Path) -> str:
-    path = Path(folder) / ADMIN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; the admin token is written there when the study is created")
-    return path.read_text().strip()

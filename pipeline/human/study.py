@@ -29,7 +29,7 @@ from ..config import sections
 from ..sampling import SamplerConfig
 from .aggregate import QualityControl
 from .store import (ADMIN_FILE, CONFIG_FILE, DB_FILE, LINKS_FILE, AnnotatorRecord, ItemRecord, SampleRecord,  # noqa: F401
-                    StudyError, StudyStore, admin_token, open_study)
+                    StudyError, StudyStore, open_study)
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def links_markdown(annotators: Sequence[AnnotatorRecord], base_url: str) -> str:
 
     rows = [(a.name, a.group_index + 1, f"{base_url}/annotate/{a.token}") for a in annotators]
     return ("# Annotator links\n\nOne link per person; a link is that person's identity (their votes, their order). "
-            f"The server's address is an example: use the one `serve` prints.\n\n"
+            "The server's address is an example: use the one `serve` prints.\n\n"
             + markdown_table(["annotator", "group", "link"], rows) + "\n")
 
 
