@@ -236,3 +236,25 @@ def sections(obj: Any, **classes: type) -> None:
         value = getattr(obj, name)
         if isinstance(value, (Mapping, str)):
             object.__setattr__(obj, name, _coerce(cls, value, name))
+
+
+def absolute_paths(obj: Any, *names: str) -> None:
+    """In a (frozen) dataclass's ``__post_init__``: make the named local-path fields absolute, relative to this
+    process's working directory. Ray Train's workers and Ray Data's actors do not run in the driver's working
+    directory, so a relative ``model=./my_model`` would name another folder there. Empty values and prompt
+    sources (``toy:train``) are left as they are; a reward spec (a mapping, or a list of them) has its
+    ``path`` and ``*_path`` keys made absolute."""
+    for name in names:
+        value = getattr(obj, name)
+        object.__setattr__(obj, name, _absolute(value))
+
+
+def _absolute(value: Any) -> Any:
+    if isinstance(value, str):
+        return str(Path(value).expanduser().absolute()) if value and not value.startswith("toy:") else value
+    if isinstance(value, Mapping):
+        return {k: _absolute(v) if (k == "path" or str(k).endswith("_path")) and isinstance(v, str)
+                else _absolute(v) if isinstance(v, (Mapping, list, tuple)) else v for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_absolute(v) if isinstance(v, (Mapping, list, tuple)) else v for v in value)
+    return value

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .backbones import load_backbone
-from .config import sections
+from .config import absolute_paths, sections
 from .data.generate import GenerationConfig, generate
 from .data.prompts import load_prompts
 from .evaluation import SAMPLES_FILE, evaluate, write_paired_grid
@@ -79,6 +79,7 @@ class EvalConfig:
 
     def __post_init__(self):
         sections(self, sampler=SamplerConfig)
+        absolute_paths(self, "prompts", "reward")
         if self.num_prompts < 0:
             raise ValueError(f"num_prompts={self.num_prompts}: expected >= 0 (0 = all)")
         if self.samples < 1:
@@ -115,6 +116,7 @@ class SelectConfig:
     include_start: bool = True  # the round's starting policy competes too: a round never validates worse
 
     def __post_init__(self):
+        absolute_paths(self, "prompts")
         if self.num_prompts < 0:
             raise ValueError(f"num_prompts={self.num_prompts}: expected >= 0 (0 = all)")
         if self.samples < 1:
@@ -141,6 +143,7 @@ class RoundsConfig:
     def __post_init__(self):
         sections(self, reference=ReferenceSchedule, select=SelectConfig, generation=GenerationConfig, train=TrainConfig,
                  eval=EvalConfig)
+        absolute_paths(self, "model")
         if self.rounds < 1:
             raise ValueError(f"rounds={self.rounds}: expected >= 1")
         if not self.lr_decay > 0:

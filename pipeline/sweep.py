@@ -39,7 +39,7 @@ from typing import Literal
 
 import numpy as np
 
-from .config import ConfigError, build, merge, sections, to_dict
+from .config import ConfigError, absolute_paths, build, merge, sections, to_dict
 from .export import policy_from_checkpoint
 from .reporting import csv_table, fmt_ci, fmt_num, markdown_table
 from .rounds import RoundsConfig, evaluate_policy, load_eval
@@ -80,6 +80,7 @@ class SweepConfig:
 
     def __post_init__(self):
         sections(self, rounds=RoundsConfig)
+        absolute_paths(self, "pairs")
         for name, ok, expected in [
             ("num_samples", self.num_samples >= 0, ">= 0"), ("segments", self.segments >= 1, ">= 1"),
             ("steps_per_segment", self.steps_per_segment >= 0, ">= 0"),

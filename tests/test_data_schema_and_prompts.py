@@ -115,6 +115,29 @@ def test_generation_config_validation_and_overrides(tmp_path):
         read_config_file(tmp_path / "bad.yaml")
 
 
+def test_relative_paths_become_absolute_at_build(tmp_path, monkeypatch):
+    """Ray's workers do not share the driver's working directory: every local path leaf of a built config is
+    absolute, prompt sources and empty values stay as given, and a reward spec's path keys follow."""
+    from pipeline.training.config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = build(GenerationConfig, apply_overrides({}, [
+        "model=models/m", "weights=w.safetensors", "prompts=p.txt",
+        'reward=[{"name": "pickscore", "path": "ps", "processor_path": "proc", "weight": 2}, {"name": "toy"}]']),
+        "generation")
+    assert (cfg.model, cfg.weights, cfg.prompts) == (str(tmp_path / "models/m"), str(tmp_path / "w.safetensors"),
+                                                    str(tmp_path / "p.txt"))
+    assert cfg.reward == [{"name": "pickscore", "path": str(tmp_path / "ps"), "processor_path": str(tmp_path / "proc"),
+                           "weight": 2}, {"name": "toy"}]
+    assert GenerationConfig(prompts="toy:heldout", llm_path="").prompts == "toy:heldout"
+    train = TrainConfig(model="m", init_optimizer="opt.pt")
+    assert (train.model, train.init_optimizer, train.init_weights) == (str(tmp_path / "m"), str(tmp_path / "opt.pt"), "")
+    # absolute already: unchanged wherever it is built
+    monkeypatch.chdir("/")
+    assert build(GenerationConfig, {"model": cfg.model}).model == cfg.model
+    assert TrainConfig(model=train.model).model == str(tmp_path / "m")
+
+
 def test_llm_rewrite_with_a_local_causal_lm(tmp_path):
     """A tiny random GPT-2 saved as a local folder goes through the rewriter's real loading code."""
     import torch

@@ -144,6 +144,7 @@ def test_a_job_runs_with_no_network_and_every_worker_is_offline(tmp_path):
 def test_local_ray_listens_on_loopback_only(tmp_path):
     script = textwrap.dedent('''
         import json, ipaddress, os, psutil, ray
+        from pipeline.utils import driver
         from pipeline.utils.driver import start_ray
         start_ray(1)
         ray.get(ray.remote(lambda: os.getpid()).remote())
@@ -155,6 +156,7 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
             except psutil.Error:
                 pass
         print("RESULT=" + json.dumps({"node_ip": ray.util.get_node_ip_address(), "listening": listening,
+                                      "train_env": {k: os.environ.get(k) for k in driver.LOCAL_ENV},
                                       "worker_env": ray.get(ray.remote(lambda: {k: os.environ.get(k) for k in
                                                     ("HF_HUB_OFFLINE", "RAY_USAGE_STATS_ENABLED")}).remote())}))
         ray.shutdown()
@@ -166,6 +168,7 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
     result = json.loads(line[len("RESULT="):])
     assert result["node_ip"] == "127.0.0.1"
     assert result["worker_env"] == {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    assert result["train_env"] == driver.LOCAL_ENV  # a local instance: no preemption watcher per training run
     assert len(result["listening"]) >= 3, result  # GCS, raylet, workers, agents
     import ipaddress
 

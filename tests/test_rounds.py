@@ -17,16 +17,20 @@ import iterative_sipo  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def test_one_round_writes_everything_and_reruns_skip(tiny_toy_model_dir, tmp_path):
+def test_one_round_writes_everything_and_reruns_skip(tiny_toy_model_dir, tmp_path, monkeypatch):
     ray.init(num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    # a model path relative to the driver's working directory: Ray's workers and actors run elsewhere, so the config
+    # holds it absolute from the start
+    monkeypatch.chdir(tiny_toy_model_dir.parent)
     cfg = RoundsConfig(
-        model=str(tiny_toy_model_dir), rounds=1,
+        model=tiny_toy_model_dir.name, rounds=1,
         eval={"num_prompts": 3, "samples": 2, "sampler": {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 16}},
         generation={"strategy": "ddspo-paired", "prompt_limit": 8, "batch_size": 8,
                     "sampler": {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}},
         train={"objective": {"name": "ddspo"}, "lr": 1e-3, "max_steps": 2, "batch_size": 4, "checkpoint_every": 1},
         select={"name": "validation", "num_prompts": 2, "samples": 1},  # the start (the base model) competes too
     )
+    assert cfg.model == cfg.train.model == cfg.generation.model == str(tiny_toy_model_dir.absolute())
     logs: list[str] = []
     rows = run_rounds(cfg, tmp_path / "run", log=logs.append)
     selection = json.loads((tmp_path / "run" / "round_0" / "train_metrics.json").read_text())["selection"]

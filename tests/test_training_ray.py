@@ -155,3 +155,19 @@ def test_metrics_go_to_wandb_offline(one_worker_run):
     history = read_wandb_history(run_file)
     assert [step for step, _ in history] == [1, 2, 3]
     assert all("train/loss" in items and "train/implicit_acc" in items for _, items in history)
+
+
+def test_the_metrics_callback_loads_without_the_engine():
+    """Ray Train's controller unpickles the metrics callback on every run: importing it must not pull in torch and
+    the models (``pipeline/training/__init__.py`` loads its names lazily), while the package's names still work."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.training.tracking; assert 'torch' not in sys.modules, 'torch imported'; "
+            "from pipeline.training import TrainEngine, TrainConfig, preference_step; print(TrainEngine.__name__)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "TrainEngine", run.stderr[-2000:]
+    import pipeline.training as training
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        training.Nope  # noqa: B018

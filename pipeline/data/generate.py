@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from ..config import fingerprint, sections
+from ..config import absolute_paths, fingerprint, sections
 from ..sampling import SamplerConfig
 from ..toyworld.reference import REFERENCE_DIR
 from ..utils.atomic import NotOurOutput, atomic_directory, check_replaceable, is_complete
@@ -69,6 +69,7 @@ class GenerationConfig:
 
     def __post_init__(self):
         sections(self, sampler=SamplerConfig)
+        absolute_paths(self, "model", "weights", "prompts", "llm_path", "reward")
         checks = [
             ("strategy", self.strategy in GENERATED_STRATEGIES, f"one of {GENERATED_STRATEGIES}"),
             ("perturb", self.perturb in PERTURBATIONS, f"one of {PERTURBATIONS}"),

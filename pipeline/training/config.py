@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from ..config import sections
+from ..config import absolute_paths, sections
 from ..objectives import preset
 from ..objectives.objective import PRESETS
 from ..toyworld.reference import REFERENCE_DIR
@@ -104,6 +104,7 @@ class TrainConfig:
 
     def __post_init__(self):
         sections(self, objective=ObjectiveSpec)
+        absolute_paths(self, "model", "init_weights", "reference_weights", "init_optimizer")
         for name, ok, expected in [
             ("lr", self.lr > 0, "> 0"), ("max_steps", self.max_steps >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"), ("grad_accum", self.grad_accum >= 1, ">= 1"),

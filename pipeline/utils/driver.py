@@ -35,6 +35,11 @@ OFFLINE_ENV = {
 NODE_IP_ENV = "PIPELINE_RAY_NODE_IP"
 LOOPBACK = "127.0.0.1"
 
+#: Set for a local instance only (a cluster keeps Ray's defaults): Ray Train's preemption watcher, an extra actor
+#: started with every training run to follow node drains, has nothing to watch on one machine that starts and
+#: stops its own Ray (bench/results/fixed_costs.md).
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 _LATE = ("huggingface_hub", "transformers", "diffusers", "open_clip", "timm", "datasets")
 
 
@@ -100,7 +105,8 @@ def start_ray(num_cpus: int | None = None, node_ip_address: str | None = None) -
     A local instance gets node address ``127.0.0.1`` (``node_ip_address`` or ``$PIPELINE_RAY_NODE_IP``
     choose another), so every server it starts (GCS, raylet, workers, agents, metrics export and, if
     enabled, the dashboard) listens on loopback only. Joining a cluster (``RAY_ADDRESS`` set, or under
-    ``ray job submit``) passes none of that. Every worker gets :data:`OFFLINE_ENV`. Also applies
+    ``ray job submit``) passes none of that. Every worker gets :data:`OFFLINE_ENV`; a local instance also
+    :data:`LOCAL_ENV`. Also applies
     :func:`offline_mode` to this process, and keeps Ray's own output off the console (:func:`quiet_console`;
     the driver's ``ray`` loggers at WARNING; worker output stays in Ray's log files, ``log_to_driver=False``).
     """
@@ -108,6 +114,9 @@ def start_ray(num_cpus: int | None = None, node_ip_address: str | None = None) -
     import ray
 
     kwargs = ray_init_kwargs(num_cpus, node_ip_address)
+    if not joins_cluster():
+        for key, value in LOCAL_ENV.items():  # Ray Train passes these on from the driver's environment
+            os.environ.setdefault(key, value)
     # The driver's "ray" loggers print warnings and errors only (Ray's own processes keep their log files); a
     # notice at every start that says nothing to act on is dropped.
     kwargs.setdefault("logging_level", logging.WARNING)
