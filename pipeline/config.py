@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -241,20 +242,21 @@ def sections(obj: Any, **classes: type) -> None:
 def absolute_paths(obj: Any, *names: str) -> None:
     """In a (frozen) dataclass's ``__post_init__``: make the named local-path fields absolute, relative to this
     process's working directory. Ray Train's workers and Ray Data's actors do not run in the driver's working
-    directory, so a relative ``model=./my_model`` would name another folder there. Empty values and prompt
-    sources (``toy:train``) are left as they are; a reward spec (a mapping, or a list of them) has its
-    ``path`` and ``*_path`` keys made absolute."""
+    directory, so a relative ``model=./my_model`` would name another folder there. Empty values and values with
+    a scheme (sources such as ``toy:train``, remote URIs such as ``s3://bucket/x``) are left as they are; a
+    reward spec (a mapping, or a list of them) has its ``path`` and ``*_path`` keys made absolute."""
     for name in names:
-        value = getattr(obj, name)
-        object.__setattr__(obj, name, _absolute(value))
+        object.__setattr__(obj, name, _absolute(getattr(obj, name), True))
 
 
-def _absolute(value: Any) -> Any:
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _absolute(value: Any, is_path: bool) -> Any:
     if isinstance(value, str):
-        return str(Path(value).expanduser().absolute()) if value and not value.startswith("toy:") else value
+        return str(Path(value).expanduser().absolute()) if is_path and value and not _SCHEME.match(value) else value
     if isinstance(value, Mapping):
-        return {k: _absolute(v) if (k == "path" or str(k).endswith("_path")) and isinstance(v, str)
-                else _absolute(v) if isinstance(v, (Mapping, list, tuple)) else v for k, v in value.items()}
+        return {k: _absolute(v, k == "path" or str(k).endswith("_path")) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_absolute(v) if isinstance(v, (Mapping, list, tuple)) else v for v in value)
+        return type(value)(_absolute(v, False) for v in value)
     return value

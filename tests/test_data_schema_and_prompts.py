@@ -130,6 +130,7 @@ def test_relative_paths_become_absolute_at_build(tmp_path, monkeypatch):
     assert cfg.reward == [{"name": "pickscore", "path": str(tmp_path / "ps"), "processor_path": str(tmp_path / "proc"),
                            "weight": 2}, {"name": "toy"}]
     assert GenerationConfig(prompts="toy:heldout", llm_path="").prompts == "toy:heldout"
+    assert TrainConfig(model="s3://bucket/model").model == "s3://bucket/model"  # a URI is not a local path
     train = TrainConfig(model="m", init_optimizer="opt.pt")
     assert (train.model, train.init_optimizer, train.init_weights) == (str(tmp_path / "m"), str(tmp_path / "opt.pt"), "")
     # absolute already: unchanged wherever it is built

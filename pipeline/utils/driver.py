@@ -37,7 +37,7 @@ LOOPBACK = "127.0.0.1"
 
 #: Set for a local instance only (a cluster keeps Ray's defaults): Ray Train's preemption watcher, an extra actor
 #: started with every training run to follow node drains, has nothing to watch on one machine that starts and
-#: stops its own Ray (bench/results/fixed_costs.md).
+#: stops its own Ray (docs/jobs.md, "Cost").
 LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 _LATE = ("huggingface_hub", "transformers", "diffusers", "open_clip", "timm", "datasets")
