@@ -36,7 +36,7 @@ WORLD = 2
 
 def _shard(module: torch.nn.Module) -> None:
     """The training engine's own sharding: every block, then the root, on a 1-D CPU mesh."""
-    from pipeline.training.engine import shard_denoiser
+    from pipeline.training.parallel import shard_denoiser
 
     shard_denoiser(module, torch.device("cpu"))
 

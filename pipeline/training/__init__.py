@@ -1,6 +1,6 @@
 """Training: the preference step (``step.py``), the one engine around it (``engine.py``), the reference the
 trainer owns (``reference.py``), the Ray Train worker (``worker.py``) and the ``TorchTrainer`` wrapper
-(``trainer.py``).
+(``trainer.py``); FSDP2 sharding is applied by functions in ``parallel.py``.
 
 The names below load on first use: Ray Train's controller imports this package to unpickle the metrics
 callback (``tracking.py``), and it needs neither torch nor the models the engine imports.

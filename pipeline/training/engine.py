@@ -30,6 +30,7 @@ from ..backbones.base import Backbone
 from ..data.schema import latents_of
 from .config import TrainConfig
 from .reference import build_reference
+from .parallel import any_rank, assign, distributed, gather, shard_denoiser
 from .step import PairBatch, preference_step
 
 
@@ -89,66 +90,6 @@ class PairSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-
-
-# ------------------------------------------------------------------------------------------------ sharding
-def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks FSDP2 shards one by one (UNet down/mid/up blocks, transformer blocks)."""
-    blocks = []
-    for name in ("down_blocks", "up_blocks", "transformer_blocks"):
-        blocks += list(getattr(module, name, []))
-    if getattr(module, "mid_block", None) is not None:
-        blocks.append(module.mid_block)
-    return blocks
-
-
-def distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def shard_denoiser(denoiser: torch.nn.Module, device: torch.device) -> None:
-    """FSDP2: shard each block, then the root, over all workers (a no-op without a process group or with
-    one worker: sharding over one rank saves nothing but adds DTensor parameters, all-gather copies and
-    hooks to every step)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    if not distributed():
-        return
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in _blocks(denoiser):
-        fully_shard(block, mesh=mesh)
-    fully_shard(denoiser, mesh=mesh)
-
-
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    """A full CPU copy of a plain or FSDP2-sharded (DTensor) tensor (a collective when sharded)."""
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
-
-
-def _assign(target: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full tensor into a plain or FSDP2-sharded (DTensor) one."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    with torch.no_grad():
-        if isinstance(target, DTensor):
-            target.copy_(distribute_tensor(full.to(target.device), target.device_mesh, target.placements))
-        else:
-            target.copy_(full.to(target.device))
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is set on any rank (every rank must call this)."""
-    if not distributed():
-        return flag
-    import torch.distributed as dist
-
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
 
 
 # ------------------------------------------------------------------------------------------------ engine
@@ -213,7 +154,7 @@ class TrainEngine:
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        if _any_rank(bad_loss is not None or not math.isfinite(grad_norm), self.device):
+        if any_rank(bad_loss is not None or not math.isfinite(grad_norm), self.device):
             self.optimizer.zero_grad(set_to_none=True)
             where = f"optimizer step {self.step + 1}"
             if bad_loss is not None:
@@ -276,7 +217,7 @@ class TrainEngine:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model = get_model_state_dict(self.backbone.denoiser, options=opts)
         optim = get_optimizer_state_dict(self.backbone.denoiser, self.optimizer, options=opts)
-        ema = {n: _gather(e) for n, e in self.ema.items()} if self.ema is not None else None
+        ema = {n: gather(e) for n, e in self.ema.items()} if self.ema is not None else None
         return {"model": model, "optimizer": optim, "ema": ema, "step": self.step, "history": list(self.history),
                 "sampler": self.sampler.state_dict() if self.sampler else None,
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
@@ -289,7 +230,7 @@ class TrainEngine:
             self._load_optimizer(state["optimizer"])
         if self.ema is not None and state.get("ema") is not None:
             for n, e in self.ema.items():
-                _assign(e, state["ema"][n])
+                assign(e, state["ema"][n])
         self.step = int(state["step"])
         self.history = list(state.get("history") or [])
         if state.get("generator") is not None:
@@ -314,7 +255,7 @@ class TrainEngine:
         weights = get_model_state_dict(self.backbone.denoiser,
                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.ema is not None:
-            weights.update({n: _gather(e) for n, e in self.ema.items()})
+            weights.update({n: gather(e) for n, e in self.ema.items()})
         return weights
 
     def apply_policy_weights(self) -> Backbone:
