@@ -1,23 +1,30 @@
 """Step time of Diffusion-DPO with and without the SDPO safeguard, measured side by side.
 
-One training step = policy forward on winners+losers (one batched call), reference forward under
-``inference_mode``, the objective, backward, optimizer step. Variants run interleaved round by round
-(A B C, B C A, C A B, …) so machine noise and order effects hit all of them alike; the report gives the median step time of each
-and ratios to plain DPO (ratio of medians and the median of per-round ratios).
+Every variant runs the product's own training step: :func:`pipeline.training.step.preference_step` on a
+:class:`~pipeline.backbones.UNetBackbone` (text encoding, noising, policy forward, reference forward without
+gradient, the objective, and for the parameter-space safeguard its λ), then backward and the optimizer step.
+Variants run interleaved round by round in rotated order (A B C D, B C D A, …) so machine noise and order
+effects hit all of them alike; the report gives the median step time of each and ratios to plain DPO (ratio
+of medians and the median of per-round ratios).
+
+Variants: plain DPO; SDPO in output space (Eq. 17); SDPO in parameter space (Eq. 14) by its two methods —
+``backward`` (two extra backward passes) and ``jvp`` (one extra backward and a forward-mode product in the
+losers' forward; what ``safeguard_method="auto"`` picks on an unsharded model).
 
     python bench/objectives.py                      # both models, results to bench/results/objectives.md
     python bench/objectives.py --models toy --rounds 5
 
-Models (random weights from diffusers configs): a toy-size pixel UNet (attention only at 8×8) and a UNet
-with the SD 1.5 architecture at 32×32 latents. SD 1.5 uses plain SGD: AdamW's two state copies plus the
-parameter-space gradients of an 860M-parameter model do not fit in 24 GB; SGD also makes the objective's
-share of the step larger, so the overhead ratios are conservative.
+Models (random weights from diffusers configs, no downloads): a toy-size pixel UNet (attention only at 8×8)
+and a UNet with the SD 1.5 architecture at 32×32 latents with 77-token, 768-wide text states. The text
+encoder is a one-layer CLIP text model of the right width (SD 1.5's twelve-layer encoder would add the same
+time to every variant and shrink the ratios). SD 1.5 uses plain SGD: AdamW's two state copies plus the
+parameter-space gradients of an 860M-parameter model do not fit in 24 GB; SGD also makes the objective's share
+of the step larger, so the overhead ratios are conservative.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -26,10 +33,22 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from pipeline.objectives import DiffusionProcess, parameter_space_lambda, preference_loss, preset
+from pipeline.backbones import UNetBackbone
+from pipeline.objectives import preset
+from pipeline.toyworld.reference import build_tokenizer
+from pipeline.training import PairBatch, preference_step
 
-VARIANTS = ("dpo", "dpo+sdpo(output)", "dpo+sdpo(parameter)")
+# name -> (safeguard space, parameter-space method)
+VARIANTS = {
+    "dpo": (None, None),
+    "dpo+sdpo(output)": ("output", None),
+    "dpo+sdpo(parameter, backward)": ("parameter", "backward"),
+    "dpo+sdpo(parameter, jvp)": ("parameter", "jvp"),
+}
+NAMES = tuple(VARIANTS)
+PROMPTS = ["a red circle on the left", "two blue squares at the top", "one green triangle", "three yellow circles"]
 
 
 def toy_unet() -> tuple[UNet2DConditionModel, dict]:
@@ -57,67 +76,72 @@ def sd15_unet() -> tuple[UNet2DConditionModel, dict]:
 MODELS = {"toy": toy_unet, "sd15": sd15_unet}
 
 
-def make_step(unet, ref, opt, process, spec, variant, generator):
+def build_backbone(name: str) -> tuple[UNetBackbone, dict]:
+    """The model as the product loads it: tokenizer, CLIP text encoder, UNet and an SD 1.5 DDPM scheduler."""
+    unet, spec = MODELS[name]()
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = spec["text_len"]
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=spec["text_dim"], intermediate_size=4 * spec["text_dim"],
+        num_hidden_layers=1, num_attention_heads=8, max_position_embeddings=spec["text_len"],
+        projection_dim=spec["text_dim"], pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    ))
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    return UNetBackbone(tokenizer, text_encoder, unet, scheduler.config), spec
+
+
+def make_step(backbone, opt, spec, variant, seed):
+    space, method = VARIANTS[variant]
     cfg = preset("diffusion-dpo")
-    if variant != "dpo":
-        cfg = cfg.with_safeguard(mu=0.9, space="parameter" if variant.endswith("(parameter)") else "output")
+    if space is not None:
+        cfg = cfg.with_safeguard(mu=0.9, space=space)
     b, c, s = spec["pairs"], spec["channels"], spec["size"]
-    x_w, x_l = torch.randn(b, c, s, s, generator=generator), torch.randn(b, c, s, s, generator=generator)
-    text = torch.randn(b, spec["text_len"], spec["text_dim"], generator=generator)
-    t = process.sample_timesteps(b, generator=generator)
+    data = torch.Generator().manual_seed(seed)
+    batch = PairBatch(torch.randn(b, c, s, s, generator=data), torch.randn(b, c, s, s, generator=data),
+                      [PROMPTS[i % len(PROMPTS)] for i in range(b)])
+    noise = torch.Generator().manual_seed(seed + 1)  # same t and noise sequence for every variant
+    kw = {} if method is None else dict(safeguard_method=method)
 
     def step():
-        pair = process.noise_pair(x_w, x_l, t, generator=generator)
-        x_t = torch.cat([pair.x_t_w, pair.x_t_l])
-        tt, cond = process.model_input_timesteps(t).repeat(2), text.repeat(2, 1, 1)
-        pred = unet(x_t, tt, encoder_hidden_states=cond).sample
-        with torch.inference_mode():
-            ref_pred = ref(x_t, tt, encoder_hidden_states=cond).sample
-        ref_pred = ref_pred.clone()  # leave inference mode for the objective
-        policy_w, policy_l = pred.chunk(2)
-        ref_w, ref_l = ref_pred.chunk(2)
-        lam = None
-        if cfg.safeguard is not None and cfg.safeguard.space == "parameter":
-            lam = parameter_space_lambda(policy_w, pair.target_w, policy_l, pair.target_l, unet.parameters(), mu=0.9)
-        out = preference_loss(
-            cfg, policy_w=policy_w, policy_l=policy_l, ref_w=ref_w, ref_l=ref_l,
-            target_w=pair.target_w, target_l=pair.target_l, loser_scale=lam,
-        )
+        out = preference_step(backbone, cfg, batch, generator=noise, **kw)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(out.loss)
+        return None if out.loser_scale is None else float(out.loser_scale)
 
     return step
 
 
 def bench_model(name: str, rounds: int, warmup: int) -> dict:
     torch.manual_seed(0)
-    unet, spec = MODELS[name]()
-    ref = copy.deepcopy(unet).requires_grad_(False).eval()
-    n_params = sum(p.numel() for p in unet.parameters())
+    backbone, spec = build_backbone(name)
+    params = backbone.trainable_parameters()
+    n_params = sum(p.numel() for p in params)
     if spec["optimizer"] == "adamw":
-        opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+        opt = torch.optim.AdamW(params, lr=1e-6)
     else:
-        opt = torch.optim.SGD(unet.parameters(), lr=1e-8)
-    process = DiffusionProcess.from_scheduler(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
-    g = torch.Generator().manual_seed(0)
-    steps = {v: make_step(unet, ref, opt, process, spec, v, g) for v in VARIANTS}
+        opt = torch.optim.SGD(params, lr=1e-8)
+    steps = {v: make_step(backbone, opt, spec, v, seed=0) for v in NAMES}
     for _ in range(warmup):
-        for v in VARIANTS:
+        for v in NAMES:
             steps[v]()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in NAMES}
+    lams: dict[str, list] = {v: [] for v in NAMES}
     for r in range(rounds):
-        order = VARIANTS[r % 3:] + VARIANTS[: r % 3]  # rotate so no variant always follows another
-        for v in order:
+        k = r % len(NAMES)
+        for v in NAMES[k:] + NAMES[:k]:  # rotate so no variant always follows another
             t0 = time.perf_counter()
-            steps[v]()
+            lam = steps[v]()
             times[v].append(time.perf_counter() - t0)
-        print(f"  [{name}] round {r + 1}/{rounds}: " + ", ".join(f"{v} {times[v][-1]:.3f}s" for v in VARIANTS), flush=True)
-    med = {v: statistics.median(times[v]) for v in VARIANTS}
-    per_round = {v: statistics.median(a / b for a, b in zip(times[v], times["dpo"])) for v in VARIANTS}
-    return dict(model=name, params=n_params, spec=spec, rounds=rounds, warmup=warmup, times=times,
-                median=med, ratio_of_medians={v: med[v] / med["dpo"] for v in VARIANTS}, median_round_ratio=per_round)
+            lams[v].append(lam)
+        print(f"  [{name}] round {r + 1}/{rounds}: " + ", ".join(f"{v} {times[v][-1]:.3f}s" for v in NAMES), flush=True)
+    med = {v: statistics.median(times[v]) for v in NAMES}
+    per_round = {v: statistics.median(a / b for a, b in zip(times[v], times["dpo"])) for v in NAMES}
+    a, b = lams["dpo+sdpo(parameter, backward)"], lams["dpo+sdpo(parameter, jvp)"]
+    return dict(model=name, params=n_params, spec=spec, rounds=rounds, warmup=warmup, times=times, lambdas=lams,
+                max_lambda_gap=max(abs(x - y) for x, y in zip(a, b)),
+                median=med, ratio_of_medians={v: med[v] / med["dpo"] for v in NAMES}, median_round_ratio=per_round)
 
 
 def report(results: list[dict]) -> str:
@@ -125,38 +149,66 @@ def report(results: list[dict]) -> str:
         "# Objective step time: DPO vs DPO+SDPO",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}, CPU fp32. Produced by `python bench/objectives.py`.",
+        f"torch {torch.__version__}, CPU fp32. Produced by `python bench/objectives.py`; every step is the product's "
+        "`preference_step` on a `UNetBackbone`, then backward and the optimizer step.",
         "",
         "| model | params | pairs/step | variant | median step (s) | ratio of medians | median per-round ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        for v in VARIANTS:
+        for v in NAMES:
             lines.append(
                 f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['spec']['pairs']} | {v} | {r['median'][v]:.3f} | "
                 f"{r['ratio_of_medians'][v]:.3f} | {r['median_round_ratio'][v]:.3f} |"
             )
-    lines += ["", "Rounds (interleaved) after warm-up: " + ", ".join(f"{r['model']}: {r['rounds']}" for r in results)]
+    lines += [
+        "",
+        "Rounds (interleaved) after warm-up: " + ", ".join(f"{r['model']}: {r['rounds']}" for r in results) + ".",
+        "",
+        "A ratio is a variant's step time over plain DPO's on the same model in the same run: 1.5 means the step "
+        "takes 50 % longer than a DPO step. `parameter, jvp` is the default parameter-space method on an unsharded "
+        "model (one extra backward over the winners and a forward-mode product in the losers' forward, which the "
+        "loss reuses); `parameter, backward` is the two-extra-backward method FSDP2-sharded models use.",
+        "",
+        "Reading: " + " ".join(
+            f"{r['model']}: the exact parameter-space λ costs {r['ratio_of_medians']['dpo+sdpo(parameter, jvp)']:.2f}× a "
+            f"DPO step with the JVP method and {r['ratio_of_medians']['dpo+sdpo(parameter, backward)']:.2f}× with two "
+            f"backwards (ratio of medians; output-space SDPO {r['ratio_of_medians']['dpo+sdpo(output)']:.2f}×)."
+            for r in results),
+        *[f"The target of ≤ 1.6× for the default (JVP) method on the SD 1.5 architecture is "
+          f"{'met' if r['ratio_of_medians']['dpo+sdpo(parameter, jvp)'] <= 1.6 else 'not met'}: the JVP replaces the "
+          "second backward by a tangent through every layer of the losers' forward (for convolutions and linear "
+          "layers two more products of the forward's size each), which at one pair per step costs about what a "
+          "backward does, and the extra backward for g_w remains." for r in results if r["model"] == "sd15"],
+        "",
+        "Largest |λ_jvp − λ_backward| over the timed rounds (same data, t and noise; the weights move by one "
+        "tiny optimizer step between the two): " + ", ".join(f"{r['model']}: {r['max_lambda_gap']:.2e}" for r in results)
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="toy,sd15", help="comma-separated subset of: " + ",".join(MODELS))
-    ap.add_argument("--rounds", type=int, default=0, help="timed rounds per model (default: 30 toy, 4 sd15)")
+    ap.add_argument("--rounds", type=int, default=0, help="timed rounds per model (default: 30 toy, 5 sd15)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "objectives"), help="output path stem (.md, .json)")
+    ap.add_argument("--from-json", action="store_true", help="rewrite the .md from the saved .json without measuring")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.from_json:
+        out.with_suffix(".md").write_text(report(json.loads(out.with_suffix(".json").read_text())))
+        return
     results = []
     for name in args.models.split(","):
         if name not in MODELS:
             ap.error(f"--models: unknown model {name!r}; expected a subset of {sorted(MODELS)}")
-        rounds = args.rounds or (30 if name == "toy" else 4)
+        rounds = args.rounds or (30 if name == "toy" else 5)
         print(f"benchmarking {name} ({rounds} rounds)", flush=True)
         results.append(bench_model(name, rounds, args.warmup))
     text = report(results)
     print(text)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))

@@ -86,7 +86,7 @@ def ray_loop(model: str, pairs: Path, steps: int, batch_size: int, window: int, 
              use_gpu: bool = False) -> dict:
     """The production path: the same engine inside a Ray Train worker; its ``pairs_per_s`` per log window
     (the one checkpoint, at the end, falls after the last window)."""
-    from pipeline.export import checkpoint_history
+    from pipeline.training.checkpoint import checkpoint_history
     from pipeline.training.trainer import run_training
 
     t0 = time.perf_counter()
@@ -216,29 +216,10 @@ def section_b(args, pairs: Path, work: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- (c)
 def build_sd15_folder(path: Path, *, tiny: bool = False) -> None:
     """An SD 1.5-architecture model folder with random weights (no VAE: trained on latents directly)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu import build_sd15_folder as build
 
-    from pipeline.backbones import UNetBackbone
-    from pipeline.toyworld.reference import build_tokenizer, vocabulary
-
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    tok.model_max_length = 77
-    ids = {w: i for i, w in enumerate(vocabulary())}
-    width = 64 if tiny else 768
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2 if tiny else 12,
-        num_attention_heads=4 if tiny else 12, max_position_embeddings=77, projection_dim=width,
-        pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"]))
-    if tiny:  # smoke-test size
-        unet = UNet2DConditionModel(sample_size=16, cross_attention_dim=width, block_out_channels=(32, 32, 64, 64),
-                                    norm_num_groups=8, attention_head_dim=4)
-    else:  # UNet2DConditionModel's defaults are the SD 1.x layout; SD 1.5 has 768-d text states
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                          prediction_type="epsilon")
-    UNetBackbone(tok, text, unet, sched.config).save_pretrained(path)
+    build(path, tiny=tiny, vae=False)
 
 
 def synthetic_pairs(path: Path, n: int, shape: tuple[int, int, int]) -> Path:

@@ -41,7 +41,8 @@ from pathlib import Path
 
 #: fields that may change between reruns on the same storage (resume, extend, rescale)
 RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.log_every", "train.num_workers",
-                     "train.use_gpu", "train.torch_threads", "train.report_to", "train.mlflow_uri")
+                     "train.use_gpu", "train.worker_resources", "train.worker_labels", "train.torch_threads",
+                     "train.report_to", "train.mlflow_uri")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,21 +78,22 @@ def resolve_pairs(path: Path) -> Path:
 
 
 def check_inputs(cfg, pairs: Path) -> int:
-    """Validate the pairs (schema, size) and that their latents fit the model, before Ray starts."""
-    from pipeline.data.schema import read_pairs
+    """Validate the pairs (checksums, schema, size) and that their latents fit the model, before Ray starts,
+    without loading them (the workers read the files and check the values)."""
+    from pipeline.data.schema import scan_pairs
     from pipeline.preflight import check_train
 
     check_train(cfg)
     model = Path(cfg.model)
     try:
-        table = read_pairs(pairs)
+        info = scan_pairs(pairs, values=False)
     except (FileNotFoundError, NotADirectoryError, ValueError) as err:  # SchemaError is a ValueError
         raise SystemExit(f"error: {err}") from err
     need = cfg.batch_size * cfg.num_workers
-    if table.num_rows < need:
-        raise SystemExit(f"error: {pairs} holds {table.num_rows} pairs, fewer than one batch per worker "
+    if info.num_rows < need:
+        raise SystemExit(f"error: {pairs} holds {info.num_rows} pairs, fewer than one batch per worker "
                          f"(batch_size {cfg.batch_size} × {cfg.num_workers} workers)")
-    shape = tuple(table.column("latent_shape")[0].as_py())
+    shape = info.latent_shape
     for sub in ("unet", "transformer"):
         conf = model / sub / "config.json"
         if conf.is_file():
@@ -100,7 +102,7 @@ def check_inputs(cfg, pairs: Path) -> int:
             if None not in expected and shape != expected:
                 raise SystemExit(f"error: {pairs} holds latents of shape {shape} but the model {model} works on "
                                  f"{expected}; generate the pairs with this model (generate_pairs.py --set model=...)")
-    return table.num_rows
+    return info.num_rows
 
 
 def check_run_record(run_dir: Path, cfg, pairs: Path) -> None:
@@ -111,7 +113,8 @@ def check_run_record(run_dir: Path, cfg, pairs: Path) -> None:
 
 
 def write_outputs(cfg, result, out: Path) -> dict:
-    from pipeline.export import checkpoint_history, export_model, policy_from_checkpoint
+    from pipeline.export import export_model, policy_from_checkpoint
+    from pipeline.training.checkpoint import checkpoint_history
     from pipeline.utils.atomic import atomic_write_bytes
     from pipeline.reporting import csv_table
     from pipeline.utils.plots import plot_training_curves

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from .backbones import load_backbone
-from .training.worker import EMA_FILE, HISTORY_FILE, STATE_FILE, WEIGHTS_FILE
+from .training.checkpoint import load_full
 from .utils.atomic import COMPLETE_MARKER, atomic_directory
 
 
@@ -46,12 +46,11 @@ def policy_from_checkpoint(checkpoint_dir: str | Path, dest: str | Path) -> Path
     """Write ``dest`` (atomically): the checkpoint's full denoiser, with its trainable parameters replaced
     by their EMA when the run kept one (``ema_decay > 0``) — the weights that get evaluated and exported.
     Non-finite weights are refused (:func:`check_finite`) and nothing is written."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     checkpoint_dir, dest = Path(checkpoint_dir), Path(dest)
-    weights = load_file(str(checkpoint_dir / WEIGHTS_FILE))
-    if (checkpoint_dir / EMA_FILE).exists():
-        weights.update(load_file(str(checkpoint_dir / EMA_FILE)))
+    parts = load_full(checkpoint_dir, {"model", "ema"})  # gathered here from the ranks' shards
+    weights = {**parts["model"], **parts["ema"]}
     check_finite(weights, checkpoint_dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
@@ -69,18 +68,12 @@ def optimizer_from_checkpoint(checkpoint_dir: str | Path, dest: str | Path) -> P
     """Write ``dest`` (atomically): the checkpoint's full optimizer state, a next round's ``init_optimizer``."""
     import torch
 
-    state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    optim = load_full(checkpoint_dir, {"optim"})["optim"]
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    torch.save(state["optimizer"], tmp)
+    torch.save(optim, tmp)
     os.replace(tmp, dest)
     return dest
-
-
-def checkpoint_history(checkpoint_dir: str | Path) -> list[dict]:
-    """Every report's metrics up to this checkpoint (``[]`` for checkpoints written before the history was)."""
-    path = Path(checkpoint_dir) / HISTORY_FILE
-    return json.loads(path.read_text()) if path.exists() else []
 
 
 def denoiser_subfolder(backbone) -> str:

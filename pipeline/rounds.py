@@ -42,7 +42,8 @@ from .data.generate import GenerationConfig, generate
 from .data.prompts import load_prompts
 from .evaluation import SAMPLES_FILE, evaluate, write_paired_grid
 from .rewards import build_reward
-from .export import checkpoint_history, export_model, optimizer_from_checkpoint, policy_from_checkpoint
+from .export import export_model, optimizer_from_checkpoint, policy_from_checkpoint
+from .training.checkpoint import checkpoint_history
 from .sampling import SamplerConfig
 from .toyworld.reference import REFERENCE_DIR
 from .training.config import TrainConfig
@@ -63,7 +64,8 @@ DRIFT_LEGEND = {
 OPTIMIZER_FILE = "optimizer.pt"  # the round's final AdamW state (carry_optimizer)
 REFERENCE_FILE = "reference.safetensors"  # the round's reference weights (reference.name = "ema")
 #: fields a rerun into the same run directory may change: run more rounds, or the same work on other resources
-RESUMABLE = ("rounds", "train.num_workers", "train.use_gpu", "train.torch_threads", "train.log_every",
+RESUMABLE = ("rounds", "train.num_workers", "train.use_gpu", "train.worker_resources", "train.worker_labels",
+             "generation.actor_resources", "generation.actor_labels", "train.torch_threads", "train.log_every",
              "train.report_to", "train.mlflow_uri")
 
 

@@ -54,7 +54,8 @@ PARAMS = {"mu": "train.objective.safeguard.mu", "beta": "train.objective.beta", 
 LOG_SCALE = {"beta"}  # searched (and plotted) on a log scale
 TRIAL_MEMORY = 256 * 2**20  # bytes of Ray's logical "memory" a trial driver reserves (a non-empty bundle)
 #: fields a rerun into the same sweep folder may change (resources only)
-RESUMABLE = ("max_concurrent", "trial_cpus", "threads", "keep_train_runs")
+RESUMABLE = ("max_concurrent", "trial_cpus", "threads", "keep_train_runs", "rounds.train.worker_resources",
+             "rounds.train.worker_labels", "rounds.generation.actor_resources", "rounds.generation.actor_labels")
 
 
 @dataclass(frozen=True)

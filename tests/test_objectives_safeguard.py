@@ -8,7 +8,9 @@ import torch
 from pipeline.objectives import (
     SafeguardConfig,
     output_space_lambda,
+    parameter_lambda_method,
     parameter_space_lambda,
+    parameter_space_lambda_jvp,
     preference_loss,
     preset,
     residual,
@@ -191,3 +193,183 @@ def test_exact_lambda_never_increases_the_winner_loss_while_dpo_sometimes_does()
 def test_safeguard_config_roundtrip():
     cfg = preset("diffusion-dpo").with_safeguard(mu=0.6, scope="sample")
     assert cfg.safeguard == SafeguardConfig(mu=0.6, scope="sample", space="output")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter-space λ by forward-mode AD (one extra backward + a JVP) against two backwards and brute force.
+
+
+def tiny_unet():
+    """A real diffusers UNet2DConditionModel, small: cross-attention (SDPA), group norm, up/down sampling."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=3, out_channels=3, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(16, 32), layers_per_block=1,
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+    )
+
+
+def unet_pairs(unet, sign, seed=0, b=2):
+    """Noised winners/losers, their conditioning, and targets whose loser error is ``sign`` × the winner's (the
+    parameter-space dot product follows the sign)."""
+    g = torch.Generator().manual_seed(seed)
+    x_w = torch.randn(b, 3, 8, 8, generator=g)
+    x_l = x_w + 0.1 * torch.randn(x_w.shape, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    cond = torch.randn(b, 5, 16, generator=g)
+    run = lambda x: unet(x, t, encoder_hidden_states=cond).sample  # noqa: E731
+    with torch.no_grad():
+        pw, pl = run(x_w), run(x_l)
+    err = torch.randn(pw.shape, generator=g)
+    return run, x_w, x_l, pw - err, pl - sign * 2.0 * err - 0.2 * torch.randn(pl.shape, generator=g)
+
+
+def brute_force_dots(unet, run, x_w, x_l, tw, tl):
+    """‖∇θL_w‖² and ⟨∇θL_w, ∇θL_l⟩ from explicit per-parameter gradients, in float64."""
+    def grads(x, target):
+        loss = 0.5 * (run(x) - target).pow(2).mean()
+        return torch.autograd.grad(loss, list(unet.parameters()), allow_unused=True)
+
+    ww = wl = 0.0
+    for a, b in zip(grads(x_w, tw), grads(x_l, tl)):
+        if a is not None:
+            ww += float((a.double() * a.double()).sum())
+            wl += 0.0 if b is None else float((a.double() * b.double()).sum())
+    return ww, wl
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_jvp_lambda_equals_two_backward_and_brute_force_on_a_diffusers_unet(sign):
+    unet = tiny_unet()
+    run, x_w, x_l, tw, tl = unet_pairs(unet, sign)
+    ww, wl = brute_force_dots(unet, run, x_w, x_l, tw, tl)
+    assert (wl > 0) == (sign > 0), "the test data must give the dot product the intended sign"
+    # A positive dot product: μ puts λ strictly inside (0, 1), where it is the ratio itself; a negative one: λ = 1.
+    mu = min(max(1.0 - 0.5 * wl / ww, 0.0), 0.9) if sign > 0 else 0.5
+    brute = 1.0 if wl <= 0 else min(max((1 - mu) * ww / wl, 0.0), 1.0)
+    assert 0.0 < brute < 1.0 if sign > 0 else brute == 1.0
+
+    pw, pl = run(x_w), run(x_l)
+    lam_bwd = parameter_space_lambda(pw, tw, pl, tl, unet, mu=mu)
+    pw = run(x_w)
+    lam_jvp, pl_jvp = parameter_space_lambda_jvp(pw, tw, lambda: run(x_l), tl, unet, mu=mu, strict=True)
+    assert lam_jvp.dtype == torch.float32 and lam_jvp.dim() == 0
+    torch.testing.assert_close(float(lam_jvp), float(lam_bwd), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(float(lam_jvp), brute, rtol=1e-5, atol=1e-6)
+
+    # The losers' prediction comes back attached: the same value and parameter gradient as a plain forward.
+    torch.testing.assert_close(pl_jvp, pl, rtol=1e-5, atol=1e-5)
+    unet.zero_grad()
+    (pl_jvp * tl).sum().backward()
+    via_jvp = [p.grad.clone() for p in unet.parameters()]
+    unet.zero_grad()
+    (pl * tl).sum().backward()
+    scale = max(float(p.grad.abs().max()) for p in unet.parameters())
+    assert max(float((a - p.grad).abs().max()) for a, p in zip(via_jvp, unet.parameters())) <= 1e-5 * scale
+
+
+def test_jvp_lambda_counts_only_trainable_parameters_and_applies_the_residual_space():
+    unet = tiny_unet()
+    unet.down_blocks.requires_grad_(False)
+    run, x_w, x_l, tw, tl = unet_pairs(unet, 1.0, seed=4)
+    scale = lambda y: 3.0 * y - 1.0  # noqa: E731  (an affine residual space, as x̂0 is)
+    pw, pl = run(x_w), run(x_l)
+    lam_bwd = parameter_space_lambda(scale(pw), scale(tw), scale(pl), scale(tl), unet, mu=0.3)
+    pw = run(x_w)
+    lam_jvp, _ = parameter_space_lambda_jvp(scale(pw), scale(tw), lambda: run(x_l), scale(tl), unet, mu=0.3,
+                                            space=scale, strict=True)
+    torch.testing.assert_close(lam_jvp, lam_bwd, rtol=1e-5, atol=1e-6)
+
+
+class _NoForwardAD(torch.autograd.Function):
+    """tanh with a backward formula and no forward-mode one."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+def test_jvp_lambda_falls_back_to_a_second_backward_for_ops_without_forward_ad():
+    torch.manual_seed(1)
+    lin1, lin2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+    net = torch.nn.ModuleList([lin1, lin2])
+    run = lambda x: lin2(_NoForwardAD.apply(lin1(x)))  # noqa: E731
+    x_w, x_l = torch.randn(4, 8), torch.randn(4, 8)
+    with torch.no_grad():
+        tw, tl = run(x_w) - 0.3, run(x_l) - 0.5
+    lam_bwd = parameter_space_lambda(run(x_w), tw, run(x_l), tl, net, mu=0.2)
+    with pytest.raises(NotImplementedError):
+        parameter_space_lambda_jvp(run(x_w), tw, lambda: run(x_l), tl, net, mu=0.2, strict=True)
+    with pytest.warns(RuntimeWarning, match="second backward"):
+        lam, pred_l = parameter_space_lambda_jvp(run(x_w), tw, lambda: run(x_l), tl, net, mu=0.2)
+    torch.testing.assert_close(lam, lam_bwd, rtol=1e-5, atol=1e-6)
+    assert pred_l.requires_grad
+
+
+def test_parameter_lambda_method_resolution():
+    net = torch.nn.Linear(2, 2)
+    assert parameter_lambda_method(net) == "jvp" and parameter_lambda_method(net, "backward") == "backward"
+    assert parameter_lambda_method(net, "jvp") == "jvp"
+    with pytest.raises(ValueError, match="safeguard.method='fast'"):
+        parameter_lambda_method(net, "fast")
+    with pytest.raises(TypeError, match="needs the module"):
+        parameter_space_lambda_jvp(torch.zeros(1, 2), torch.zeros(1, 2), lambda: torch.zeros(1, 2), torch.zeros(1, 2),
+                                   list(net.parameters()), mu=0.1)
+
+
+def _step_batch():
+    from pipeline.toyworld import PromptSpec, render_batch, to_tensor
+    from pipeline.training import PairBatch
+
+    specs = [PromptSpec("red", "circle", 2, "left"), PromptSpec("blue", "square", 1, "top")]
+    win = to_tensor(render_batch(specs, [0, 1], 32))
+    lose = to_tensor(render_batch([s.replace(colour="green") for s in specs], [2, 3], 32))
+    return PairBatch(win, lose, [s.text for s in specs], ["red circles on", "a square top"])
+
+
+@pytest.mark.parametrize("name,prediction,residual_space", [
+    ("diffusion-dpo", "epsilon", "model"), ("diffusion-dpo", "epsilon", "x0"), ("diffusion-dpo", "v_prediction", "model"),
+    ("diffusion-dpo", "v_prediction", "x0"), ("ddspo", "epsilon", "model"), ("sipo", "v_prediction", "model"),
+])
+def test_preference_step_jvp_and_backward_give_the_same_lambda_loss_and_gradient(name, prediction, residual_space,
+                                                                                 tiny_toy_model_dir):
+    """Through the product's step on the toy backbone: the default (JVP, winners and losers as two forwards)
+    and the two-backward method agree on λ, the loss and every parameter gradient — for ε and v, residuals in
+    model or x0 space, data targets and DDSPO's reference targets, with and without SIPO's weights."""
+    from pipeline.backbones import UNetBackbone
+    from pipeline.toyworld.reference import build_scheduler
+    from pipeline.training import preference_step
+
+    base = UNetBackbone.from_pretrained(tiny_toy_model_dir)
+    bb = UNetBackbone(base.tokenizer, base.text_encoder, base.denoiser, build_scheduler(prediction).config)
+    with bb.reference_module():  # take the reference copy now, then let the policy drift from it
+        pass
+    with torch.no_grad():
+        for p in bb.denoiser.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    cfg = preset(name, residual_space=residual_space).with_safeguard(mu=0.5, space="parameter")
+    results = {}
+    for method in ("auto", "backward"):
+        bb.denoiser.zero_grad(set_to_none=True)
+        out = preference_step(bb, cfg, _step_batch(), generator=torch.Generator().manual_seed(3), safeguard_method=method)
+        out.loss.backward()
+        results[method] = (out, [p.grad.clone() for p in bb.trainable_parameters()])
+    (a, ga), (b, gb) = results["auto"], results["backward"]
+    torch.testing.assert_close(a.loser_scale, b.loser_scale, rtol=1e-5, atol=1e-6)
+    # Two forwards of 2 instead of one of 4 round differently in fp32, and β = 5000 magnifies the residuals'
+    # difference in the logit (x̂0 residuals divide by √ᾱ_t, more so): the loss and gradients agree to 1e-3
+    # (1e-2 for x̂0 residuals; the rounding depends on the machine's thread count), λ (a ratio of sums) to 1e-5.
+    tol = 1e-2 if residual_space == "x0" else 1e-3
+    torch.testing.assert_close(a.loss, b.loss, rtol=tol, atol=0)
+    scale = max(float(g.abs().max()) for g in gb)
+    assert max(float((x - y).abs().max()) for x, y in zip(ga, gb)) <= tol * scale
+    assert 0.0 < float(b.loser_scale) <= 1.0

@@ -137,12 +137,12 @@ def test_sdpo_mu_outside_its_range_is_an_error_not_off(mu):
 
 # ------------------------------------------------------------------------------------------------ publication
 def test_non_finite_weights_are_never_published(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
     from pipeline.export import policy_from_checkpoint
-    from pipeline.training.worker import WEIGHTS_FILE
 
     ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    save_file({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, str(ckpt / WEIGHTS_FILE))
+    dcp.save({"model": {"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, "ema": {}}, checkpoint_id=str(ckpt))
     with pytest.raises(ValueError, match=r"non-finite .*\bb\b"):
         policy_from_checkpoint(ckpt, tmp_path / "policy.safetensors")
     assert not (tmp_path / "policy.safetensors").exists()
@@ -211,7 +211,7 @@ def test_a_killed_train_worker_and_then_driver_resume_to_bit_identical_weights(t
     import signal
     import time
 
-    from pipeline.training.worker import EMA_FILE, WEIGHTS_FILE
+    from pipeline.training.checkpoint import load_full
 
     max_steps, every = 24, 4
     settings = [f"model={tiny_toy_model_dir}", "objective.name=sipo", "lr=1e-3", f"max_steps={max_steps}", "batch_size=2",
@@ -281,7 +281,7 @@ def test_a_killed_train_worker_and_then_driver_resume_to_bit_identical_weights(t
     # in-process engine does: tests/test_training_ray.py::test_ray_worker_equals_in_process_engine)
     from pipeline.config import apply_overrides, build
     from pipeline.training import PairData, train_in_process
-    from pipeline.training.worker import save_checkpoint
+    from pipeline.training.checkpoint import save_checkpoint
 
     threads = torch.get_num_threads()
     try:
@@ -294,10 +294,12 @@ def test_a_killed_train_worker_and_then_driver_resume_to_bit_identical_weights(t
         torch.set_num_threads(threads)
     a = load_file(str(killed / "policy.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    for name in (WEIGHTS_FILE, EMA_FILE):  # the final checkpoint: live weights and EMA
-        resumed_w, straight_w = load_file(str(run_dir / final["checkpoint_dir_name"] / name)), load_file(str(tmp_path / "straight" / name))
-        assert set(resumed_w) == set(straight_w)
-        assert all(torch.equal(resumed_w[k], straight_w[k]) for k in resumed_w), name
+    resumed = load_full(run_dir / final["checkpoint_dir_name"], {"model", "ema"})
+    uninterrupted = load_full(tmp_path / "straight", {"model", "ema"})
+    for part in ("model", "ema"):  # the final checkpoint: live weights and EMA
+        resumed_w, straight_w = resumed[part], uninterrupted[part]
+        assert resumed_w and set(resumed_w) == set(straight_w)
+        assert all(torch.equal(resumed_w[k], straight_w[k]) for k in resumed_w), part
 
 
 @pytest.mark.parametrize("override, message", [

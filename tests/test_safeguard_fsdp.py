@@ -12,7 +12,9 @@ root) and checks, on both ranks:
 * a list of parameters collected while sharded gives the same λ as the module; a list taken between forward
   and backward (the root's unsharded copies mixed with shards) is refused;
 * gradients already accumulated in ``.grad`` survive, and the caller's backward afterwards is unchanged;
-* through ``preference_step`` with ``safeguard.space="parameter"``, the loser scale equals the single-process one.
+* through ``preference_step`` with ``safeguard.space="parameter"``, the loser scale equals the single-process one:
+  the step's default method (``"auto"``) falls back from the forward-mode JVP (single process) to two backward
+  passes for the sharded denoiser, and asking for ``"jvp"`` explicitly is refused.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def _worker(rank: int, port: int, data_path: str, model_dir: str, out_dir: str) 
     from torch.distributed.tensor import DTensor
 
     from pipeline.backbones import UNetBackbone
-    from pipeline.objectives import parameter_space_lambda
+    from pipeline.objectives import parameter_lambda_method, parameter_space_lambda
     from pipeline.training.reference import build_reference
     from pipeline.toyworld.reference import build_unet
 
@@ -117,6 +119,12 @@ def _worker(rank: int, port: int, data_path: str, model_dir: str, out_dir: str) 
         reference = build_reference(backbone)  # the trainer's reference, taken before sharding, sharded too
         _shard(backbone.denoiser)
         _shard(reference)
+        res["method"] = parameter_lambda_method(backbone.denoiser)
+        try:
+            parameter_lambda_method(backbone.denoiser, "jvp")
+            res["jvp_refused"] = False
+        except ValueError:
+            res["jvp_refused"] = True
         res["step"] = _step_lambda(backbone, reference)
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -182,7 +190,7 @@ def test_parameter_lambda_is_exact_across_fsdp2_shards(tmp_path, tiny_toy_model_
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     for res in ranks:
-        assert res["mixed_list_refused"]
+        assert res["mixed_list_refused"] and res["jvp_refused"] and res["method"] == "backward"
         assert res["same"] == pytest.approx(lam_a, rel=1e-5)
         assert res["same_list"] == pytest.approx(lam_a, rel=1e-5)
         assert res["different"] == pytest.approx(lam_ab, rel=1e-5)

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.data.schema import read_pairs
 from pipeline.training import PairData, PairSampler, TrainEngine, TrainingDiverged, train_in_process
-from pipeline.training.worker import load_checkpoint, save_checkpoint
+from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def digest(weights: dict) -> str:
@@ -64,3 +64,37 @@ def test_nan_loss_stops_with_the_step_and_pair_ids(tiny_pairs_dataset, tiny_trai
         engine.run(data)
     assert engine.step == 0
     assert digest(engine.policy_weights()) == before  # no update applied
+
+
+def test_streamed_pairs_cover_each_epoch_once_and_resume_mid_epoch(tiny_pairs):
+    """A worker's stream (Ray Data reading the Parquet parts): every pair once per epoch in whole batches, the next
+    epoch reshuffled, and a stream restored from (epoch, offset) continues with the batches the first one had left."""
+    import ray
+
+    from pipeline.data.schema import TRAIN_SCHEMA, pair_files
+    from pipeline.training.engine import PairStream
+
+    files = [str(f) for f in pair_files(tiny_pairs)]
+    n = len(read_pairs(tiny_pairs))
+    ds = ray.data.read_parquet(files).select_columns(TRAIN_SCHEMA.names)
+    ds.context.execution_options.preserve_order = True  # as run_training reads for the workers
+    shard = ds.iterator()
+    per_epoch = n // 2
+    stream = PairStream(shard, 2, seed=1, shuffle_buffer=4)
+    epochs = [[tuple(stream.next_batch().pair_ids) for _ in range(per_epoch)] for _ in range(2)]
+    for batches in epochs:
+        ids = [i for b in batches for i in b]
+        assert len(ids) == len(set(ids)) == 2 * per_epoch
+    assert epochs[0] != epochs[1]
+    assert stream.state_dict() == {"epoch": 1, "offset": per_epoch}
+    assert stream.next_batch() and stream.state_dict() == {"epoch": 2, "offset": 1}
+
+    plain = PairStream(shard, 2, seed=1)  # file order: the same on every read
+    order = [tuple(plain.next_batch().pair_ids) for _ in range(per_epoch)]
+    resumed = PairStream(shard, 2, seed=1)
+    resumed.load_state_dict({"epoch": 0, "offset": 1})
+    assert [tuple(resumed.next_batch().pair_ids) for _ in range(per_epoch - 1)] == order[1:]
+    assert resumed.state_dict() == {"epoch": 0, "offset": per_epoch}
+
+    with pytest.raises(Exception, match="fewer than one batch of 64 pairs"):
+        PairStream(shard, 64, seed=1).next_batch()

@@ -1,12 +1,13 @@
 """Ray Train V2 + FSDP2 on CPU (gloo): training on generated pairs, two sharded workers, resuming."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.training.worker import EMA_FILE, WEIGHTS_FILE
+from pipeline.training.checkpoint import load_full
 from pipeline.training.trainer import run_training
 
 pytestmark = pytest.mark.slow
@@ -56,8 +57,9 @@ def test_one_worker_trains_and_checkpoints(one_worker_run, tiny_toy_model_dir):
         assert key in m, key
     assert m["step"] == 3
     with result.checkpoint.as_directory() as d:
-        trained = load_file(f"{d}/{WEIGHTS_FILE}")
-        assert load_file(f"{d}/{EMA_FILE}")
+        parts = load_full(d, {"model", "ema"})
+    trained = parts["model"]
+    assert parts["ema"]
     initial = load_file(str(tiny_toy_model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     assert set(trained) == set(initial)
     assert any(not torch.equal(trained[k], initial[k]) for k in trained)
@@ -67,7 +69,7 @@ def test_ray_worker_equals_in_process_engine(one_worker_run, tiny_pairs, tmp_pat
     """Same pairs, seeds and settings: the Ray Train worker's weights and EMA are the in-process engine's, bit for bit."""
     from pipeline.data.schema import read_pairs
     from pipeline.training import PairData, train_in_process
-    from pipeline.training.worker import save_checkpoint
+    from pipeline.training.checkpoint import save_checkpoint
 
     result, _, cfg = one_worker_run
     threads = torch.get_num_threads()
@@ -76,28 +78,45 @@ def test_ray_worker_equals_in_process_engine(one_worker_run, tiny_pairs, tmp_pat
         save_checkpoint(local, tmp_path, {"step": local.step})
     finally:
         torch.set_num_threads(threads)
-    for name in (WEIGHTS_FILE, EMA_FILE):
-        with result.checkpoint.as_directory() as d:
-            worker = load_file(f"{d}/{name}")
-        in_process = load_file(str(tmp_path / name))
-        assert set(worker) == set(in_process)
-        assert all(torch.equal(worker[k], in_process[k]) for k in worker), name
+    with result.checkpoint.as_directory() as d:
+        worker = load_full(d, {"model", "ema"})
+    in_process = load_full(tmp_path, {"model", "ema"})
+    for part in ("model", "ema"):
+        assert worker[part] and set(worker[part]) == set(in_process[part])
+        assert all(torch.equal(worker[part][k], in_process[part][k]) for k in worker[part]), part
 
 
-def test_two_workers_shard_with_fsdp2_and_resume(tiny_pairs, tiny_train_config, tiny_toy_model_dir, tmp_path):
+def test_two_workers_stream_shard_and_resume_onto_other_worker_counts(tiny_pairs, tiny_train_config,
+                                                                     tiny_toy_model_dir, tmp_path):
+    """FSDP2 over two workers streaming their splits of the Parquet files; each rank writes its own checkpoint
+    shards; the run then resumes onto one worker (2 → 1) and back onto two (1 → 2), the step count, the history
+    and AdamW's state continuing where they stopped."""
     # the exact (parameter-space) SDPO λ takes gradients of sharded (DTensor) parameters
-    sharded = dict(num_workers=2, objective={"name": "sipo", "safeguard": {"mu": 0.0, "space": "parameter"}})
-    first = run_training(tiny_train_config(**sharded), tiny_pairs, tmp_path, "two")
+    cfg = dict(stream_pairs=True, log_every=1,
+               objective={"name": "sipo", "safeguard": {"mu": 0.0, "space": "parameter"}})
+    first = run_training(tiny_train_config(**cfg, num_workers=2), tiny_pairs, tmp_path, "run")
     assert first.metrics["step"] == 2
     assert 0.0 <= first.metrics["lambda_mean"] <= 1.0
     with first.checkpoint.as_directory() as d:
-        full = load_file(f"{d}/{WEIGHTS_FILE}")
+        files = {p.name for p in Path(d).iterdir()}
+        full = load_full(d, {"model", "optim"})
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "rank_0.pt", "rank_1.pt"} <= files  # a shard per rank
     initial = load_file(str(tiny_toy_model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert {k: v.shape for k, v in full.items()} == {k: v.shape for k, v in initial.items()}  # gathered, not shards
-    again = run_training(tiny_train_config(**sharded, max_steps=4), tiny_pairs, tmp_path, "two")
-    assert again.metrics["step"] == 4
-    with again.checkpoint.as_directory() as d:
-        assert json.loads(open(f"{d}/metrics.json").read())["step"] == 4
+    assert {k: v.shape for k, v in full["model"].items()} == {k: v.shape for k, v in initial.items()}
+    assert any(not torch.equal(full["model"][k], initial[k]) for k in initial)
+
+    def adam_steps(result) -> set:
+        with result.checkpoint.as_directory() as d:
+            return {float(s["step"]) for s in load_full(d, {"optim"})["optim"]["state"].values()}
+
+    assert adam_steps(first) == {2.0}
+    for workers, steps in ((1, 4), (2, 6)):
+        resumed = run_training(tiny_train_config(**cfg, num_workers=workers, max_steps=steps), tiny_pairs, tmp_path, "run")
+        assert resumed.metrics["step"] == steps and resumed.metrics["resumed_from_step"] == steps - 2
+        assert adam_steps(resumed) == {float(steps)}  # the moments were loaded (resharded), not restarted
+        with resumed.checkpoint.as_directory() as d:
+            history = json.loads((Path(d) / "history.json").read_text())
+        assert [h["step"] for h in history] == list(range(1, steps + 1))
 
 
 def test_too_few_pairs_is_a_clear_error(tiny_pairs, tiny_train_config, tmp_path):

@@ -24,19 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 
-from ..config import absolute_paths, fingerprint, sections
+from ..config import absolute_paths, fingerprint, sections, to_dict
 from ..sampling import SamplerConfig
 from ..toyworld.reference import REFERENCE_DIR
 from ..utils.atomic import NotOurOutput, atomic_directory, check_replaceable, is_complete
+from ..utils.placement import check_placement
 from . import pairing, stages
 from .perturb import PERTURBATIONS
-from .schema import GENERATED_STRATEGIES, MANIFEST, folder_checksums, read_pairs
+from .schema import GENERATED_STRATEGIES, MANIFEST, folder_checksums, scan_pairs
 
 PARQUET_DIR = "pairs"
 LIGHT_STAGE_CPUS = 0.25
 ROWS_PER_PARTITION = 512
+PLACEMENT = ("actor_resources", "actor_labels")  # GenerationConfig fields that only say where actors run
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class GenerationConfig:
     num_gpus_per_actor: float = -1.0  # -1: one GPU per model actor when the cluster has GPUs, else 0
     cpus_per_actor: float = 0.5  # CPUs a model actor reserves (its torch threads may use more)
     torch_threads: int = 0  # 0: leave Ray's default (one thread per reserved CPU)
+    # placement of the model actors (generation, scoring, LLM perturbation) on a cluster: custom resources each
+    # reserves and node labels it selects (pipeline/utils/placement.py); empty = any node with the CPUs/GPUs
+    actor_resources: dict[str, float] = field(default_factory=dict)
+    actor_labels: dict[str, str] = field(default_factory=dict)
     group_size: int = 16  # prompts per loser-borrowing group (efficient DDSPO strategies)
     seed: int = 0
     round: int = 0
@@ -88,9 +95,12 @@ class GenerationConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected {expected}")
+        check_placement(self, "actor_resources", "actor_labels")
 
     def fingerprint(self) -> str:
-        return fingerprint(self)
+        """The dataset's identity. The placement fields are left out: where the actors run does not change the
+        pairs (tests/test_multinode.py checks them bit for bit), and datasets made before they existed still match."""
+        return fingerprint({k: v for k, v in to_dict(self).items() if k not in PLACEMENT})
 
 
 def _gpus(cfg: GenerationConfig) -> float:
@@ -105,6 +115,8 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
 
     pool = ray.data.ActorPoolStrategy(size=cfg.num_actors)
     gpus = _gpus(cfg)
+    # where the model actors may run (None: anywhere); the light stages go wherever there is room
+    place = dict(resources=cfg.actor_resources or None, label_selector=cfg.actor_labels or None)
     # Light stages reserve a quarter CPU: with Ray's default of one CPU per task, model actors holding
     # their reservation on a small machine would leave no room for the stages that feed them (deadlock).
     light = dict(num_cpus=LIGHT_STAGE_CPUS)
@@ -119,14 +131,14 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
     if cfg.strategy in ("ddspo-paired", "not-paired"):  # strategies that need c⁻ of the prompt itself
         if cfg.perturb == "llm":
             ds = ds.map_batches(stages.PerturbPrompts, batch_size=cfg.batch_size, num_cpus=cfg.cpus_per_actor,
-                                compute=ray.data.ActorPoolStrategy(size=1),
+                                compute=ray.data.ActorPoolStrategy(size=1), **place,
                                 fn_constructor_kwargs=dict(method="llm", seed=cfg.seed, llm_path=cfg.llm_path,
                                                            llm_task=cfg.llm_task))
         else:
             ds = ds.map_batches(pairing.perturb_batch, batch_size=cfg.batch_size, **light,
                                 fn_kwargs=dict(method=cfg.perturb, seed=cfg.seed))
 
-    generate = dict(batch_size=cfg.batch_size, compute=pool, num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
+    generate = dict(batch_size=cfg.batch_size, compute=pool, num_cpus=cfg.cpus_per_actor, num_gpus=gpus, **place)
     gen_kwargs = dict(model=cfg.model, sampler=asdict(cfg.sampler), torch_threads=cfg.torch_threads,
                       write_png=cfg.write_png, weights=cfg.weights, lora_rank=cfg.lora_rank)
 
@@ -136,7 +148,7 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
         ds = ds.map_batches(stages.GenerateImages, fn_constructor_kwargs=dict(columns={"": "prompt"}, **gen_kwargs),
                             **generate)
         ds = ds.map_batches(stages.ScoreImages, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
-                            num_cpus=LIGHT_STAGE_CPUS, num_gpus=gpus, fn_constructor_kwargs=dict(reward=cfg.reward))
+                            num_cpus=LIGHT_STAGE_CPUS, num_gpus=gpus, **place, fn_constructor_kwargs=dict(reward=cfg.reward))
         return ds.groupby("prompt_id", num_partitions=parts).map_groups(
             pairing.pairs_from_rollouts, fn_kwargs=dict(pairing=cfg.pairing, min_gap=cfg.min_reward_gap,
                                                        round_=cfg.round, policy_version=cfg.policy_version), **light)
@@ -206,19 +218,33 @@ def generate(cfg: GenerationConfig, out: str | Path) -> dict:
             raise ValueError(f"{out}: no pairs were made from {n_prompts} prompts (strategy {cfg.strategy!r}, "
                              f"pairing {cfg.pairing!r}, min_reward_gap {cfg.min_reward_gap}): every prompt's "
                              "samples tied; use more samples_per_prompt or a smaller min_reward_gap")
-        table = read_pairs(tmp / PARQUET_DIR)  # validate what was written (schema, finite values) before marking it
-        stage.close(f"{table.num_rows} pairs", done=total)
+        # validate what was written (schema, finite values) before marking it, one batch in memory at a time
+        info = scan_pairs(tmp / PARQUET_DIR)
+        prompts = {p for f in info.files for p in pq.read_table(f, columns=["prompt"]).column(0).to_pylist()}
+        stage.close(f"{info.num_rows} pairs", done=total)
         manifest = {
-            "fingerprint": cfg.fingerprint(), "config": asdict(cfg), "num_pairs": table.num_rows,
-            "num_prompts": len(set(table.column("prompt").to_pylist())), "seconds": round(time.time() - t0, 2),
+            "fingerprint": cfg.fingerprint(), "config": asdict(cfg), "num_pairs": info.num_rows,
+            "num_prompts": len(prompts), "seconds": round(time.time() - t0, 2),
             "parquet_dir": PARQUET_DIR, "files": folder_checksums(tmp / PARQUET_DIR),
         }
-        if cfg.strategy == "onpolicy" and table.num_rows:
-            gap = (table.column("reward_w").to_numpy() - table.column("reward_l").to_numpy())
-            manifest["mean_reward_gap"] = float(gap.mean())
-            manifest["mean_prompt_reward"] = float(table.column("prompt_reward_mean").to_numpy().mean())
-            lw, ll = (np.asarray(table.column(c).combine_chunks().flatten(), dtype=np.float32).reshape(table.num_rows, -1)
-                      for c in ("latent_w", "latent_l"))
-            manifest["mean_pair_distance"] = float(np.sqrt(((lw - ll) ** 2).mean(1)).mean())  # RMS, latent units
+        if cfg.strategy == "onpolicy" and info.num_rows:
+            manifest.update(_pair_statistics(info.files))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     return {**manifest, "skipped": False}
+
+
+def _pair_statistics(files: list[Path]) -> dict:
+    """The round table's data statistics — mean reward gap, mean prompt reward, mean winner–loser RMS distance
+    (latent units) — accumulated one batch at a time."""
+    n = gap = prompt_reward = distance = 0.0
+    columns = ["reward_w", "reward_l", "prompt_reward_mean", "latent_w", "latent_l"]
+    for f in files:
+        for b in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=columns):
+            rows = b.num_rows
+            lw, ll = (np.asarray(b.column(c).flatten(), dtype=np.float32).reshape(rows, -1)
+                      for c in ("latent_w", "latent_l"))
+            n += rows
+            gap += float((b.column("reward_w").to_numpy() - b.column("reward_l").to_numpy()).sum())
+            prompt_reward += float(b.column("prompt_reward_mean").to_numpy().sum())
+            distance += float(np.sqrt(((lw - ll) ** 2).mean(1)).sum())
+    return {"mean_reward_gap": gap / n, "mean_prompt_reward": prompt_reward / n, "mean_pair_distance": distance / n}

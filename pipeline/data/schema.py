@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,8 @@ PAIR_SCHEMA = pa.schema([
     ("png_l", pa.binary()),
 ])
 
+#: the columns training reads (the PNG previews are for people)
+TRAIN_SCHEMA = pa.schema([f for f in PAIR_SCHEMA if f.name not in ("png_w", "png_l")])
 
 #: Largest magnitude a stored latent may have. Pixel-space images live in [-1, 1] and VAE latents (scaled by the
 #: VAE's scaling factor) within a few tens; anything near this bound is corruption, not data.
@@ -69,14 +72,18 @@ def make_pair_id(*parts: object) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
-def validate_table(table: pa.Table, source: str = "<table>") -> pa.Table:
-    """Check columns, types and invariants; return the table with columns in schema order."""
-    missing = [f.name for f in PAIR_SCHEMA if f.name not in table.column_names]
+def validate_table(table: pa.Table, source: str = "<table>", *, images: bool = True, first_row: int = 0) -> pa.Table:
+    """Check columns, types and invariants; return the table with columns in schema order.
+
+    ``images=False`` checks the training columns only (:data:`TRAIN_SCHEMA`); ``first_row`` is the table's
+    offset in its file, so that an error in a streamed batch names the file's row."""
+    schema = PAIR_SCHEMA if images else TRAIN_SCHEMA
+    missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise SchemaError(f"{source}: missing column(s) {missing}; expected the version-{SCHEMA_VERSION} pair schema "
                           f"(see docs/data.md)")
     try:
-        table = table.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
+        table = table.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise SchemaError(f"{source}: column types do not match the pair schema: {err}") from err
     if table.num_rows == 0:
@@ -92,20 +99,20 @@ def validate_table(table: pa.Table, source: str = "<table>") -> pa.Table:
     expected = np.array([int(np.prod(s)) for s in table.column("latent_shape").to_pylist()])
     if not (np.array_equal(sizes, expected) and np.array_equal(sizes_l, expected)):
         row = int(np.argmax((sizes != expected) | (sizes_l != expected)))
-        raise SchemaError(f"{source}: row {row} latent length {sizes[row]}/{sizes_l[row]} does not match "
+        raise SchemaError(f"{source}: row {first_row + row} latent length {sizes[row]}/{sizes_l[row]} does not match "
                           f"latent_shape {table.column('latent_shape')[row].as_py()}")
     for name in ("latent_w", "latent_l"):
-        _check_values(table, name, source)
+        _check_values(table, name, source, first_row)
     for name in ("reward_w", "reward_l"):  # NaN means "not scored" (label-free strategies); ±inf is never valid
         inf = np.isinf(table.column(name).to_numpy(zero_copy_only=False))
         if inf.any():
             row = int(np.argmax(inf))
-            raise SchemaError(f"{source}: row {row} (pair_id {table.column('pair_id')[row].as_py()}) has {name} = "
+            raise SchemaError(f"{source}: row {first_row + row} (pair_id {table.column('pair_id')[row].as_py()}) has {name} = "
                               f"{table.column(name)[row].as_py()}; expected a finite reward or NaN (not scored)")
     return table
 
 
-def _check_values(table: pa.Table, column: str, source: str) -> None:
+def _check_values(table: pa.Table, column: str, source: str, first_row: int = 0) -> None:
     """Every latent value finite and within ±MAX_ABS_LATENT; the error names the first offending pair."""
     chunked = table.column(column).combine_chunks()
     flat = chunked.flatten().to_numpy(zero_copy_only=False)
@@ -118,7 +125,7 @@ def _check_values(table: pa.Table, column: str, source: str) -> None:
     rows = np.unique(np.searchsorted(offsets, np.flatnonzero(bad), side="right") - 1)
     ids = table.column("pair_id").take(pa.array(rows[:5])).to_pylist()
     raise SchemaError(f"{source}: {column} of {len(rows)} pair(s) holds non-finite or out-of-range values "
-                      f"(first: row {row}, pair_id {table.column('pair_id')[row].as_py()}, value {flat[first]!r}; "
+                      f"(first: row {first_row + row}, pair_id {table.column('pair_id')[row].as_py()}, value {flat[first]!r}; "
                       f"expected finite values within ±{MAX_ABS_LATENT:g}); pair ids {ids}"
                       f"{' …' if len(rows) > 5 else ''}")
 
@@ -164,9 +171,9 @@ def verify_checksums(folder: Path, manifest: dict) -> None:
                               f"{digest[:12]}… — the file changed or is corrupt since it was written")
 
 
-def read_pairs(path: str | Path) -> pa.Table:
-    """Read and validate a pairs file, a folder of Parquet parts, or a dataset folder (``manifest.json`` +
-    ``pairs/``). When a manifest records checksums, every part is verified against it first."""
+def pair_files(path: str | Path) -> list[Path]:
+    """The Parquet parts of a pairs file, a folder of parts, or a dataset folder (``manifest.json`` + ``pairs/``),
+    verified against the manifest's checksums when it records them."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"pairs dataset {path} does not exist")
@@ -178,6 +185,59 @@ def read_pairs(path: str | Path) -> pa.Table:
     manifest = _manifest_of(path) if path.is_dir() else None
     if manifest is not None:
         verify_checksums(path, manifest)
+    return files
+
+
+def _parquet_file(f: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(f)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise SchemaError(f"{f}: not a readable Parquet file ({err})") from err
+
+
+@dataclass(frozen=True)
+class PairsInfo:
+    """What :func:`scan_pairs` learned about a dataset without holding it in memory."""
+
+    files: list[Path]
+    num_rows: int
+    latent_shape: tuple[int, ...] | None  # None for an empty dataset
+
+
+def scan_pairs(path: str | Path, *, values: bool = True, batch_rows: int = 1024) -> PairsInfo:
+    """Validate a pairs dataset file by file and batch by batch, in memory bounded by one batch — how the
+    driver checks a dataset it must not load (a cluster-scale pairs table does not fit in its memory).
+
+    ``values=False`` checks the checksums, the files' schema and the row counts from the Parquet metadata
+    only, and reads the latent shapes from the first row of each file; the trainer's workers check the
+    values of what they read."""
+    files = pair_files(path)
+    rows, shapes = 0, set()
+    for f in files:
+        pf = _parquet_file(f)
+        validate_table(pf.schema_arrow.empty_table(), str(f))
+        if not values:
+            rows += pf.metadata.num_rows
+            if pf.metadata.num_rows:
+                first = next(pf.iter_batches(batch_size=1, columns=["latent_shape"]))
+                shapes.add(tuple(first.column(0)[0].as_py()))
+            continue
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows):
+                table = validate_table(pa.Table.from_batches([batch]), str(f), first_row=rows)
+                shapes.update(tuple(s) for s in table.column("latent_shape").to_pylist())
+                rows += table.num_rows
+        except (pa.ArrowInvalid, OSError) as err:
+            raise SchemaError(f"{f}: not a readable Parquet file ({err})") from err
+    if len(shapes) > 1:
+        raise SchemaError(f"{path}: latent shapes differ within the dataset: {sorted(shapes)}")
+    return PairsInfo(files, rows, shapes.pop() if shapes else None)
+
+
+def read_pairs(path: str | Path) -> pa.Table:
+    """Read and validate a whole pairs dataset into memory (see :func:`pair_files` for what ``path`` may be);
+    for datasets that may not fit, :func:`scan_pairs` validates without loading."""
+    files = pair_files(path)
     tables = []
     for f in files:
         try:

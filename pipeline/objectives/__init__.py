@@ -34,7 +34,14 @@ from .objective import (
     to_residual_space,
 )
 from .process import DiffusionProcess, GaussianTransition, NoisedPair, Parameterization
-from .safeguard import lambda_stats, output_space_lambda, parameter_space_lambda, scale_gradient
+from .safeguard import (
+    lambda_stats,
+    output_space_lambda,
+    parameter_lambda_method,
+    parameter_space_lambda,
+    parameter_space_lambda_jvp,
+    scale_gradient,
+)
 
 __all__ = [
     "DdspoTargets", "LoserSource", "ddspo_targets", "derangement",
@@ -44,5 +51,6 @@ __all__ = [
     "FAMILIES", "PRESETS", "ObjectiveConfig", "ObjectiveOutput", "SafeguardConfig", "preference_loss", "preset",
     "sdpo_mu", "to_residual_space",
     "DiffusionProcess", "GaussianTransition", "NoisedPair", "Parameterization",
-    "lambda_stats", "output_space_lambda", "parameter_space_lambda", "scale_gradient",
+    "lambda_stats", "output_space_lambda", "parameter_lambda_method", "parameter_space_lambda",
+    "parameter_space_lambda_jvp", "scale_gradient",
 ]

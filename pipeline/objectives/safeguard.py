@@ -8,12 +8,21 @@ A first-order step on ``L_w - λ·L_l`` leaves ``L_w`` non-increasing iff
   ``λ = clip((1-μ)·‖g_w‖² / ⟨g_w, g_l⟩, 0, 1)``, and ``λ = 1`` when ``⟨g_w, g_l⟩ ≤ 0``.
   Scope ``"batch"`` sums the norms over the micro-batch and gives one λ (the authors' code; not
   all-reduced across workers); ``"sample"`` gives one λ per pair.
-* **parameter space** (Eq. 14 exactly, the † rows of Table 4): two extra vector-Jacobian products give
-  ∇θL_w and ∇θL_l of the micro-batch mean residuals. For validation and ablation; costs extra backward
-  passes. With one pair per step the first-order guarantee is exact; with more pairs it holds for the
-  linearised objective ``L_w - λ·L_l`` (the paper's footnote 2: DPO's σ factor differs per pair).
-  FSDP2-sharded models are handled exactly: two real backward passes, local shard dot products
-  all-reduced over the mesh (see :func:`parameter_space_lambda`).
+* **parameter space** (Eq. 14 exactly, the † rows of Table 4) of the micro-batch mean residuals, two ways
+  that agree to fp32 rounding:
+
+  - ``"jvp"`` (:func:`parameter_space_lambda_jvp`): one extra backward gives ``g_w = ∇θL_w``; the loser's
+    forward then runs with forward-mode dual parameters whose tangent is ``g_w``, so ``⟨g_w, ∇θL_l⟩`` is the
+    directional derivative of ``L_l`` along ``g_w`` — a JVP riding on a forward the loss needs anyway,
+    instead of a second backward. Attention runs on PyTorch's math SDPA kernel in that forward (the fused
+    CPU/CUDA kernels have no forward-AD formula).
+  - ``"backward"`` (:func:`parameter_space_lambda`): two extra vector-Jacobian products give ∇θL_w and ∇θL_l.
+    The only method for FSDP2-sharded models (forward AD does not reach DTensor shards): two real backward
+    passes, local shard dot products all-reduced over the mesh.
+
+  :func:`parameter_lambda_method` resolves ``"auto"`` to ``"jvp"`` and to ``"backward"`` for sharded models.
+  With one pair per step the first-order guarantee is exact; with more pairs it holds for the linearised
+  objective ``L_w - λ·L_l`` (the paper's footnote 2: DPO's σ factor differs per pair).
 
 λ is applied with :func:`scale_gradient` on the loser's prediction: the forward value is unchanged and only
 the gradient flowing into the loser branch is multiplied by λ. For Diffusion-DPO this is exactly Alg. 1's
@@ -23,13 +32,18 @@ the loser prediction (DSPO, DMPO, DDSPO, DPO-C&M, SIPO).
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+import warnings
+from typing import Callable, Iterable, Literal
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.distributed
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Scope = Literal["batch", "sample"]
+Method = Literal["auto", "jvp", "backward"]
+METHODS = ("auto", "jvp", "backward")
 
 
 def scale_gradient(x: Tensor, scale: Tensor | float) -> Tensor:
@@ -92,8 +106,7 @@ def parameter_space_lambda(
     with the same micro-batch on every rank it is exactly the single-process λ of that micro-batch. Requires
     gradient sync to be on (``set_requires_gradient_sync(True)``, the default).
     """
-    g_w = (pred_w.detach().float() - target_w.float()) / pred_w[0].numel() / pred_w.shape[0]
-    g_l = (pred_l.detach().float() - target_l.float()) / pred_l[0].numel() / pred_l.shape[0]
+    g_w, g_l = _output_gradient(pred_w, target_w), _output_gradient(pred_l, target_l)
     g_w, g_l = g_w.to(pred_w.dtype), g_l.to(pred_l.dtype)
     plist, sharded = _trainable(params)
     if sharded:
@@ -103,6 +116,106 @@ def parameter_space_lambda(
         grad_l = torch.autograd.grad(pred_l, plist, grad_outputs=g_l, retain_graph=True, allow_unused=True)
     ww, wl = _global_dots(grad_w, grad_l, zero=pred_w.new_zeros((), dtype=torch.float64))
     return _safe_ratio(ww, wl, mu).float()
+
+
+def parameter_lambda_method(module: nn.Module, method: Method = "auto") -> Literal["jvp", "backward"]:
+    """The parameter-space method to use for ``module``: ``"auto"`` is ``"jvp"`` unless the module has
+    FSDP2-sharded (DTensor) parameters, where only the backward method works."""
+    if method not in METHODS:
+        raise ValueError(f"safeguard.method={method!r}: expected one of {METHODS}")
+    if method == "backward":
+        return "backward"
+    if any(_is_dtensor(p) for p in module.parameters()):
+        if method == "jvp":
+            raise ValueError("safeguard.method='jvp': the model is FSDP2-sharded (DTensor parameters), which forward "
+                             "AD does not support; use method='backward' or 'auto'")
+        return "backward"
+    return "jvp"
+
+
+def forward_ad_kernels():
+    """The kernels the JVP's forward runs on: attention on the math SDPA kernel (the fused CPU/CUDA kernels have
+    no forward-AD formula). Another forward run inside this rounds exactly like the JVP's primal."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+class _Closure(nn.Module):
+    """Holds ``module`` as a child so that ``functional_call`` swaps its parameters while ``fn`` runs."""
+
+    def __init__(self, module: nn.Module, fn: Callable[[], Tensor]):
+        super().__init__()
+        self.inner = module
+        self._fn = fn
+
+    def forward(self) -> Tensor:
+        return self._fn()
+
+
+def parameter_space_lambda_jvp(
+    pred_w: Tensor,
+    target_w: Tensor,
+    loser_forward: Callable[[], Tensor],
+    target_l: Tensor,
+    module: nn.Module,
+    *,
+    mu: float,
+    space: Callable[[Tensor], Tensor] | None = None,
+    strict: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """SDPO Eq. 14 exactly, with one extra backward and a forward-mode product; returns ``(λ, pred_l)``.
+
+    ``pred_w`` is the winners' prediction, attached to the graph (kept for the caller's backward) and already
+    in residual space; ``loser_forward()`` runs ``module`` on the losers and returns their prediction, which
+    ``space`` maps to residual space (default: unchanged; ``target_l`` is in that space). The loser forward
+    runs once, with every trainable parameter a dual tensor whose tangent is ``g_w = ∇θL_w``: the tangent of
+    the output gives ``⟨g_w, ∇θL_l⟩ = ⟨∂L_l/∂pred_l, J_l g_w⟩`` and the primal, attached to the graph as any
+    forward is, is returned for the loss — so the losers' forward is shared with the objective.
+
+    Attention inside that forward uses the math SDPA kernel (the fused kernels lack forward-AD formulas); the
+    winners' forward keeps the default kernels. If an op still has no forward-AD formula, the losers run again
+    without dual parameters and ``∇θL_l`` comes from a second backward (a warning says so), unless ``strict``.
+    Sharded (FSDP2) modules are refused: use :func:`parameter_space_lambda`.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError("parameter_space_lambda_jvp needs the module (its parameters are swapped for dual tensors)")
+    if parameter_lambda_method(module) != "jvp":
+        raise ValueError("parameter_space_lambda_jvp: the module is FSDP2-sharded; use parameter_space_lambda")
+    space = space or (lambda y: y)
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    plist = [p for _, p in named]
+    u_w = _output_gradient(pred_w, target_w).to(pred_w.dtype)
+    grad_w = torch.autograd.grad(pred_w, plist, grad_outputs=u_w, retain_graph=True, allow_unused=True)
+    zero = pred_w.new_zeros((), dtype=torch.float64)
+    ww, _ = _global_dots(grad_w, [None] * len(grad_w), zero=zero)
+    try:
+        with fwAD.dual_level(), forward_ad_kernels():
+            duals = {"inner." + name: fwAD.make_dual(p, g.to(p.dtype))
+                     for (name, p), g in zip(named, grad_w) if g is not None}
+            pred_l = torch.func.functional_call(_Closure(module, loser_forward), duals, ())
+            primal, tangent = fwAD.unpack_dual(space(pred_l))
+            pred_l = fwAD.unpack_dual(pred_l).primal
+            if tangent is None:  # no trainable parameter reaches the losers' prediction
+                wl = zero
+            else:
+                u_l = _output_gradient(primal, target_l)
+                wl = torch.dot(u_l.reshape(-1), tangent.detach().float().reshape(-1)).double()
+    except NotImplementedError as err:
+        if strict:
+            raise
+        # Python's default filter shows this once per call site, not once per step.
+        warnings.warn(f"parameter-space SDPO λ: forward AD failed ({str(err).splitlines()[0]}); using a second "
+                      "backward pass instead (exact, slower)", RuntimeWarning, stacklevel=2)
+        pred_l = loser_forward()
+        res_l = space(pred_l)
+        u_l = _output_gradient(res_l, target_l).to(res_l.dtype)
+        grad_l = torch.autograd.grad(res_l, plist, grad_outputs=u_l, retain_graph=True, allow_unused=True)
+        _, wl = _global_dots(grad_w, grad_l, zero=zero)
+    return _safe_ratio(ww, wl, mu).float(), pred_l
+
+
+def _output_gradient(pred: Tensor, target: Tensor) -> Tensor:
+    """∂/∂pred of half the micro-batch mean squared residual, in fp32 (λ is scale-free; this fixes one scale)."""
+    return (pred.detach().float() - target.float()) / pred[0].numel() / pred.shape[0]
 
 
 def _is_dtensor(x) -> bool:

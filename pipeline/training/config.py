@@ -16,6 +16,7 @@ from ..config import absolute_paths, sections
 from ..objectives import preset
 from ..objectives.objective import PRESETS
 from ..toyworld.reference import REFERENCE_DIR
+from ..utils.placement import check_placement
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,26 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     ema_decay: float = 0.0  # 0 = off
     bf16: bool = True  # autocast on GPU (loss math stays fp32)
+    # FSDP2 options (pipeline/training/parallel.py, docs/scale.md): bf16 parameters with fp32 gradient reduction and
+    # a bf16 reference on GPU (ignored on CPU, like bf16); recompute the repeated blocks' activations in backward;
+    # keep shards, gradients and AdamW state in host memory (needs a process group; CPU devices only for now)
+    fsdp_mixed_precision: bool = True
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
     num_workers: int = 1
     use_gpu: bool = False
+    # placement of the Ray Train workers on a cluster: custom resources each reserves (on top of its CPU or GPU)
+    # and node labels it selects (pipeline/utils/placement.py); empty = any node with room
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    worker_labels: dict[str, str] = field(default_factory=dict)
     log_every: int = 10  # optimizer steps between metric reports (independent of checkpoints)
     report_to: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ("tensorboard",)  # where the metrics go
     mlflow_uri: str = ""  # MLflow tracking URI ("" = a local file store in the run's tensorboard/mlruns)
     checkpoint_every: int = 25
+    # False: every worker holds the whole pairs table (exact resume, the same order as in-process); True: each
+    # worker streams its split of the Parquet files epoch by epoch (tables larger than a worker's memory)
+    stream_pairs: bool = False
+    shuffle_buffer: int = 1024  # pairs in the local shuffle buffer when streaming (0 = file order)
     torch_threads: int = 0  # per worker; 0 = Ray's default (one thread per reserved CPU)
     seed: int = 0
 
@@ -109,14 +124,18 @@ class TrainConfig:
             ("lr", self.lr > 0, "> 0"), ("max_steps", self.max_steps >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"), ("grad_accum", self.grad_accum >= 1, ">= 1"),
             ("num_workers", self.num_workers >= 1, ">= 1"), ("torch_threads", self.torch_threads >= 0, ">= 0"),
-            ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"), ("log_every", self.log_every >= 1, ">= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
+            ("shuffle_buffer", self.shuffle_buffer >= 0, ">= 0 (0 = file order)"), ("log_every", self.log_every >= 1, ">= 1"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"), ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)"),
             ("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
             ("lora_rank", self.lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),
             ("reference_weights", not (self.reference_weights and self.lora_rank), "'' with LoRA (adapters off)"),
+            *((name, isinstance(getattr(self, name), bool), "true or false")
+              for name in ("fsdp_mixed_precision", "activation_checkpointing", "cpu_offload")),
         ]:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected {expected}")
+        check_placement(self, "worker_resources", "worker_labels")
 
     @property
     def safeguard_on(self) -> bool:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from ..backbones import load_backbone
 from ..backbones.base import Backbone
-from ..data.schema import latents_of
+from ..data.schema import SchemaError, latents_of, validate_table
 from .config import TrainConfig
 from .reference import build_reference
 from .parallel import any_rank, assign, distributed, gather, shard_denoiser
@@ -63,6 +63,53 @@ class PairData:
     def batch(self, idx: np.ndarray) -> PairBatch:
         return PairBatch(self.x0_w[idx], self.x0_l[idx], [self.prompts[i] for i in idx],
                          [self.perturbed[i] for i in idx] if self.perturbed else None, [self.pair_ids[i] for i in idx])
+
+
+class PairStream:
+    """Pairs streamed from a worker's split of a Ray Data dataset, epoch after epoch: training data larger than
+    a worker's memory. Each epoch reads the split once in batches of ``batch_size`` (the last partial batch
+    is dropped) through a local shuffle buffer seeded by (seed, epoch); every batch's values are checked as
+    it arrives. The state is (epoch, batches taken in it): a resume skips that many batches of the epoch, so
+    the step count and the epoch boundaries continue where they stopped, though the order inside the shuffle
+    buffer (and, with several workers, which worker reads which block) may differ from a run that never
+    stopped. Use :class:`PairData` when exact resume matters and the table fits."""
+
+    def __init__(self, shard, batch_size: int, seed: int, *, shuffle_buffer: int = 0, source: str = "pairs"):
+        self.shard, self.batch_size, self.seed = shard, batch_size, seed
+        self.shuffle_buffer, self.source = shuffle_buffer, source
+        self.epoch, self.offset = 0, 0
+        self._it: Iterator | None = None
+
+    def _epoch(self, skip: int) -> Iterator[PairBatch]:
+        batches = self.shard.iter_batches(
+            batch_size=self.batch_size, batch_format="pyarrow", drop_last=True,
+            local_shuffle_buffer_size=max(self.shuffle_buffer, self.batch_size) if self.shuffle_buffer else None,
+            local_shuffle_seed=self.seed * 1000 + self.epoch if self.shuffle_buffer else None)
+        for i, table in enumerate(batches):
+            if i < skip:
+                continue
+            data = PairData.from_table(validate_table(table, f"{self.source} (epoch {self.epoch}, batch {i})",
+                                                      images=False))
+            yield data.batch(np.arange(len(data)))
+
+    def next_batch(self) -> PairBatch:
+        for _ in range(2):
+            if self._it is None:
+                self._it = self._epoch(self.offset)
+            batch = next(self._it, None)
+            if batch is not None:
+                self.offset += 1
+                return batch
+            if self.offset == 0:
+                break  # an epoch with no full batch
+            self.epoch, self.offset, self._it = self.epoch + 1, 0, None
+        raise SchemaError(f"{self.source}: this worker's split holds fewer than one batch of {self.batch_size} pairs")
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset, self._it = int(state["epoch"]), int(state["offset"]), None
 
 
 class PairSampler:
@@ -108,9 +155,11 @@ class TrainEngine:
             self.backbone.enable_lora(rank=cfg.lora_rank)
         if cfg.init_weights:  # a previous round's policy (with LoRA: base + adapter keys, as the trainer saves them)
             self.backbone.denoiser.load_state_dict(load_file(cfg.init_weights, device=str(self.device)), strict=True)
-        shard_denoiser(self.backbone.denoiser, self.device)
+        fsdp = dict(mixed_precision=cfg.fsdp_mixed_precision, cpu_offload=cfg.cpu_offload)
+        self.parallel = shard_denoiser(self.backbone.denoiser, self.device,
+                                       activation_checkpointing=cfg.activation_checkpointing, **fsdp)
         if self.reference is not None:
-            shard_denoiser(self.reference, self.device)
+            shard_denoiser(self.reference, self.device, frozen=True, **fsdp)
         self.named = [(n, p) for n, p in self.backbone.denoiser.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
@@ -176,14 +225,18 @@ class TrainEngine:
     def _new_sampler(self, data: PairData) -> PairSampler:
         return PairSampler(len(data), self.cfg.batch_size, self.cfg.seed, rank=self.rank, world=self.world)
 
-    def batches(self, data: PairData) -> Iterator[list[PairBatch]]:
-        """The micro-batches of each optimizer step, from the engine's resumable sampler."""
+    def batches(self, data: PairData | PairStream) -> Iterator[list[PairBatch]]:
+        """The micro-batches of each optimizer step, from the engine's resumable sampler (or the stream)."""
+        if isinstance(data, PairStream):
+            self.sampler = data
+            while True:
+                yield [data.next_batch() for _ in range(self.cfg.grad_accum)]
         if self.sampler is None:
             self.sampler = self._new_sampler(data)
         while True:
             yield [data.batch(self.sampler.next_indices()) for _ in range(self.cfg.grad_accum)]
 
-    def run(self, data: PairData, *, on_log: Callable[[dict], None] | None = None,
+    def run(self, data: PairData | PairStream, *, on_log: Callable[[dict], None] | None = None,
             on_checkpoint: Callable[[dict], None] | None = None) -> list[dict]:
         """Train until ``max_steps``; every ``log_every`` steps the window's mean metrics go to ``on_log`` (and
         the history), every ``checkpoint_every`` steps (and at the end) ``on_checkpoint`` gets them too."""
@@ -211,26 +264,29 @@ class TrainEngine:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """Full (gathered) state; a collective under FSDP2: every rank must call it."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        """The engine's state as it lives on this rank: under FSDP2 the model, optimizer and EMA entries are this
+        rank's shards (DTensors), not gathered copies (``checkpoint.py`` writes them with DCP; in one process
+        they are the full tensors). The tensors are the live ones, not copies."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model = get_model_state_dict(self.backbone.denoiser, options=opts)
-        optim = get_optimizer_state_dict(self.backbone.denoiser, self.optimizer, options=opts)
-        ema = {n: gather(e) for n, e in self.ema.items()} if self.ema is not None else None
-        return {"model": model, "optimizer": optim, "ema": ema, "step": self.step, "history": list(self.history),
+        model = get_model_state_dict(self.backbone.denoiser)
+        optim = get_optimizer_state_dict(self.backbone.denoiser, self.optimizer)
+        return {"model": model, "optimizer": optim, "ema": dict(self.ema) if self.ema is not None else None,
+                "step": self.step, "history": list(self.history),
                 "sampler": self.sampler.state_dict() if self.sampler else None,
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
 
-    def load_state_dict(self, state: dict, data: PairData | None = None) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    def load_state_dict(self, state: dict, data: PairData | PairStream | None = None) -> None:
+        """Restore what :meth:`state_dict` returned (sharded like this engine, or full tensors in one process)."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        set_model_state_dict(self.backbone.denoiser, state["model"], options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(self.backbone.denoiser, state["model"])
         if state.get("optimizer") is not None:
-            self._load_optimizer(state["optimizer"])
+            set_optimizer_state_dict(self.backbone.denoiser, self.optimizer, state["optimizer"])
         if self.ema is not None and state.get("ema") is not None:
             for n, e in self.ema.items():
-                assign(e, state["ema"][n])
+                if state["ema"][n] is not e:
+                    assign(e, state["ema"][n])
         self.step = int(state["step"])
         self.history = list(state.get("history") or [])
         if state.get("generator") is not None:
@@ -238,8 +294,14 @@ class TrainEngine:
         if state.get("torch_rng") is not None:
             torch.set_rng_state(state["torch_rng"])
         if state.get("sampler") is not None and data is not None:
-            self.sampler = self._new_sampler(data)
+            self.sampler = data if isinstance(data, PairStream) else self._new_sampler(data)
             self.sampler.load_state_dict(state["sampler"])
+
+    def reseed(self) -> None:
+        """Fresh noise and dropout streams for this rank at this step — after resuming onto another number of
+        workers, where the saved per-rank streams no longer map onto the ranks."""
+        self.generator.manual_seed((self.cfg.seed * 1000 + self.rank) * 1_000_003 + self.step)
+        torch.manual_seed(self.cfg.seed + self.rank + 1_000_003 * self.step)
 
     def _load_optimizer(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

@@ -7,7 +7,8 @@ This is where models meet the pure maths of :mod:`pipeline.objectives`:
   and over (winner | c, loser | c, loser | c⁻) for DDSPO's score-space targets;
 * SIPO / DPO-C&M importance weights come from the policy's predictions on the same noised pairs;
 * the SDPO safeguard is computed from output-space gradients inside the objective, or here from exact
-  parameter gradients when ``safeguard.space == "parameter"``.
+  parameter gradients when ``safeguard.space == "parameter"`` (one extra backward and a JVP in the losers'
+  forward, or two extra backwards under FSDP2).
 
 The caller owns backward, clipping and the optimizer (Ray Train loop, benchmarks, tests).
 """
@@ -23,7 +24,9 @@ from torch import Tensor
 from ..backbones.base import Backbone, cat_conditioning
 from ..objectives import (ObjectiveConfig, ObjectiveOutput, ddspo_targets, importance_log_weight, preference_loss,
                           to_residual_space)
-from ..objectives.safeguard import parameter_space_lambda
+from ..objectives.safeguard import (Method, forward_ad_kernels, parameter_lambda_method, parameter_space_lambda,
+                                    parameter_space_lambda_jvp)
+from .parallel import activation_checkpointed
 
 
 @dataclass
@@ -44,11 +47,15 @@ class PairBatch:
 
 
 def preference_step(backbone: Backbone, cfg: ObjectiveConfig, batch: PairBatch, *,
-                    generator: torch.Generator | None = None, reference: torch.nn.Module | None = None) -> ObjectiveOutput:
+                    generator: torch.Generator | None = None, reference: torch.nn.Module | None = None,
+                    safeguard_method: Method = "auto") -> ObjectiveOutput:
     """Forward passes and the objective for one micro-batch; returns the loss (with graph) and metrics.
 
     ``reference`` is the frozen reference denoiser the trainer owns (``None``: the backbone's own — the
-    denoiser with LoRA adapters off, or its lazily taken copy).
+    denoiser with LoRA adapters off, or its lazily taken copy). ``safeguard_method`` picks how the
+    parameter-space λ is computed (:func:`~pipeline.objectives.safeguard.parameter_lambda_method`): ``"auto"``
+    is the forward-mode ``"jvp"`` (winners and losers then run as two forwards) and the two-backward
+    ``"backward"`` for FSDP2-sharded denoisers; both give the same λ to fp32 rounding.
     """
     ref_kw = dict(reference=True if reference is None else reference)
     process = backbone.process
@@ -59,21 +66,60 @@ def preference_step(backbone: Backbone, cfg: ObjectiveConfig, batch: PairBatch, 
     pair = process.noise_pair(x0_w, x0_l, t, generator=generator)
     cond = backbone.encode_prompts(batch.prompts)
     x_t = torch.cat([pair.x_t_w, pair.x_t_l])
-    pred = backbone.predict(x_t, t.repeat(2), cat_conditioning([cond, cond]))
-    policy_w, policy_l = pred.chunk(2)
 
-    if cfg.targets == "ddspo":
+    method = None
+    if cfg.safeguard is not None and cfg.safeguard.space == "parameter":
+        if safeguard_method == "auto" and activation_checkpointed(backbone.denoiser):
+            safeguard_method = "backward"  # forward AD cannot run through blocks that recompute in backward
+        method = parameter_lambda_method(backbone.denoiser, safeguard_method)
+
+    # The reference and the targets first: the parameter-space λ needs the targets before the losers' forward.
+    ddspo = cfg.targets == "ddspo"
+    cond_minus = None
+    if ddspo:
         if batch.perturbed_prompts is None or any(not p for p in batch.perturbed_prompts):
             raise ValueError("objective.targets='ddspo' needs a perturbed prompt (c⁻) for every pair")
         cond_minus = backbone.encode_prompts(batch.perturbed_prompts)
+    if method == "jvp":
+        # The reference split and on the kernels the policy runs on below (the losers' on the attention kernel
+        # the JVP needs), so that a policy equal to its reference gives a DPO logit of exactly zero, as it does
+        # when both run batched.
+        ref_w = backbone.predict(pair.x_t_w, t, cond, **ref_kw)
+        with forward_ad_kernels():
+            ref_l = backbone.predict(pair.x_t_l, t, cond, **ref_kw)
+            ref_l_minus = backbone.predict(pair.x_t_l, t, cond_minus, **ref_kw) if ddspo else None
+    elif ddspo:
         ref = backbone.predict(torch.cat([x_t, pair.x_t_l]), t.repeat(3),
                                cat_conditioning([cond, cond, cond_minus]), **ref_kw)
-        ref_w_c, ref_l_c, ref_l_cminus = ref.chunk(3)
-        tg = ddspo_targets(ref_w_c, ref_l_c, ref_l_cminus)
-        ref_w, ref_l, target_w, target_l = tg.ref_w, tg.ref_l, tg.target_w, tg.target_l
+        ref_w, ref_l, ref_l_minus = ref.chunk(3)
     else:
         ref_w, ref_l = backbone.predict(x_t, t.repeat(2), cat_conditioning([cond, cond]), **ref_kw).chunk(2)
+    if ddspo:
+        tg = ddspo_targets(ref_w, ref_l, ref_l_minus)
+        ref_w, ref_l, target_w, target_l = tg.ref_w, tg.ref_l, tg.target_w, tg.target_l
+    else:
         target_w, target_l = pair.target_w, pair.target_l
+
+    def space(y: Tensor, x_t: Tensor) -> Tensor:  # the residuals the loss uses (x̂0 for residual_space="x0")
+        return to_residual_space(cfg, process, y, x_t, t)
+
+    loser_scale = None
+    if method == "jvp":
+        # Winners and losers in two forwards: g_w = ∇θL_w backpropagates through the winners' graph only, and
+        # the losers' forward (the one the loss uses) carries the JVP along g_w.
+        policy_w = backbone.predict(pair.x_t_w, t, cond)
+        loser_scale, policy_l = parameter_space_lambda_jvp(
+            space(policy_w, pair.x_t_w), space(target_w, pair.x_t_w), lambda: backbone.predict(pair.x_t_l, t, cond),
+            space(target_l, pair.x_t_l), backbone.denoiser, mu=cfg.safeguard.mu,
+            space=lambda y: space(y, pair.x_t_l))
+    else:
+        pred = backbone.predict(x_t, t.repeat(2), cat_conditioning([cond, cond]))
+        policy_w, policy_l = pred.chunk(2)
+        if method == "backward":
+            # The module, not a parameter list: under FSDP2 its root holds unsharded copies until backward.
+            loser_scale = parameter_space_lambda(space(policy_w, pair.x_t_w), space(target_w, pair.x_t_w),
+                                                 space(policy_l, pair.x_t_l), space(target_l, pair.x_t_l),
+                                                 backbone.denoiser, mu=cfg.safeguard.mu)
 
     log_w_w = log_w_l = None
     if cfg.needs_importance_weights:
@@ -81,16 +127,6 @@ def preference_step(backbone: Backbone, cfg: ObjectiveConfig, batch: PairBatch, 
         log_w_w = importance_log_weight(process, policy_w, pair.x_t_w, x0_w, t, **kw)
         log_w_l = importance_log_weight(process, policy_l, pair.x_t_l, x0_l, t, **kw)
 
-    loser_scale = None
-    if cfg.safeguard is not None and cfg.safeguard.space == "parameter":
-        # The λ of the residuals the loss uses (x̂0 for residual_space="x0"). The module, not a parameter list:
-        # under FSDP2 its root holds unsharded copies until backward.
-        def space(y: Tensor, x_t: Tensor) -> Tensor:
-            return to_residual_space(cfg, process, y, x_t, t)
-
-        loser_scale = parameter_space_lambda(space(policy_w, pair.x_t_w), space(target_w, pair.x_t_w),
-                                             space(policy_l, pair.x_t_l), space(target_l, pair.x_t_l),
-                                             backbone.denoiser, mu=cfg.safeguard.mu)
     return preference_loss(cfg, policy_w=policy_w, policy_l=policy_l, ref_w=ref_w, ref_l=ref_l, target_w=target_w,
                            target_l=target_l, log_w_w=log_w_w, log_w_l=log_w_l,
                            num_train_timesteps=process.num_timesteps, loser_scale=loser_scale,

@@ -1,11 +1,14 @@
 """The Ray Train (V2) worker: a thin wrapper that feeds :class:`~pipeline.training.engine.TrainEngine`.
 
 Each worker builds the engine (backbone from its local folder, reference, FSDP2 over all workers), takes
-the pairs from its ``get_dataset_shard`` (every worker sees the whole dataset and the engine's sampler
-picks its rank's share, so the data order is the same as in-process and survives restarts), and reports
+the pairs from its ``get_dataset_shard`` — Ray Data reading the Parquet parts; the driver never loads them —
+and checks their values. By default every worker holds the whole table and the engine's sampler picks its
+rank's share (the data order is the same as in-process and survives restarts); with ``stream_pairs`` each
+worker streams its own split epoch by epoch (:class:`~pipeline.training.engine.PairStream`). It reports
 metrics every ``log_every`` steps and a checkpoint every ``checkpoint_every`` steps. A checkpoint holds
-the engine's whole state (weights, optimizer, EMA, step, sampler position, RNG states; rank 0 writes the
-gathered copy), so a restart — after a worker failure or a relaunch — continues bit-identically.
+the engine's whole state (weights, optimizer, EMA, step, sampler position, RNG states), each rank writing
+its own shards (``checkpoint.py``), so a restart — after a worker failure or a relaunch — continues
+bit-identically, and a relaunch with another number of workers continues resharded.
 
 A deterministic failure (a non-finite loss, a missing model folder, a bad dataset) is not retried:
 rank 0 writes it to the run's ``fatal_error.json`` (in the Ray Train storage, which the driver sees),
@@ -19,18 +22,13 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
-import torch
-from safetensors.torch import load_file, save_file
 
 from ..config import build, to_dict
-from ..data.schema import SchemaError
+from ..data.schema import SchemaError, validate_table
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .engine import PairData, TrainEngine, TrainingDiverged
+from .engine import PairData, PairStream, TrainEngine, TrainingDiverged
 
-STATE_FILE = "training_state.pt"
-WEIGHTS_FILE = "denoiser.safetensors"
-EMA_FILE = "ema.safetensors"  # EMA of the trainable parameters, by name
-HISTORY_FILE = "history.json"  # every logged window's metrics up to this checkpoint (survives resumes)
 FATAL_FILE = "fatal_error.json"  # in <storage>/<name>/: a deterministic error the workers stopped on
 
 #: errors that a retry from the last checkpoint would only repeat
@@ -39,31 +37,7 @@ DETERMINISTIC_ERRORS = (TrainingDiverged, SchemaError, FileNotFoundError, NotADi
 
 def _read_shard(shard) -> PairData:
     tables = [b for b in shard.iter_batches(batch_size=4096, batch_format="pyarrow")]
-    return PairData.from_table(pa.concat_tables(tables))
-
-
-def save_checkpoint(engine: TrainEngine, folder: str | Path, metrics: dict) -> None:
-    """Write the engine's state into ``folder`` (call :meth:`TrainEngine.state_dict` on every rank first)."""
-    folder = Path(folder)
-    state = engine.state_dict()
-    if engine.rank != 0:
-        return
-    save_file({k: v.contiguous() for k, v in state.pop("model").items()}, str(folder / WEIGHTS_FILE))
-    ema = state.pop("ema")
-    if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.items()}, str(folder / EMA_FILE))
-    (folder / HISTORY_FILE).write_text(json.dumps(state.pop("history")))
-    (folder / "metrics.json").write_text(json.dumps(metrics))
-    torch.save(state, folder / STATE_FILE)
-
-
-def load_checkpoint(engine: TrainEngine, folder: str | Path, data: PairData) -> None:
-    folder = Path(folder)
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-    state["model"] = load_file(str(folder / WEIGHTS_FILE))
-    state["ema"] = load_file(str(folder / EMA_FILE)) if (folder / EMA_FILE).exists() else None
-    state["history"] = json.loads((folder / HISTORY_FILE).read_text()) if (folder / HISTORY_FILE).exists() else []
-    engine.load_state_dict(state, data)
+    return PairData.from_table(validate_table(pa.concat_tables(tables), "the training pairs", images=False))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -75,7 +49,9 @@ def train_loop_per_worker(config: dict) -> None:
         cfg = build(TrainConfig, config["train"], "train")
         engine = TrainEngine(cfg, device=ray.train.torch.get_device(), rank=ctx.get_world_rank(),
                              world=ctx.get_world_size())
-        data = _read_shard(ray.train.get_dataset_shard("train"))
+        shard = ray.train.get_dataset_shard("train")
+        data = (PairStream(shard, cfg.batch_size, cfg.seed, shuffle_buffer=cfg.shuffle_buffer, source="the training pairs")
+                if cfg.stream_pairs else _read_shard(shard))
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
@@ -83,9 +59,9 @@ def train_loop_per_worker(config: dict) -> None:
 
         def report_checkpoint(metrics: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(engine, d, metrics)  # collectives: every rank calls it
-                checkpoint = ray.train.Checkpoint.from_directory(d) if engine.rank == 0 else None
-                ray.train.report(metrics, checkpoint=checkpoint)
+                save_checkpoint(engine, d, metrics)  # every rank writes its own shards (a collective)
+                # every rank reports its folder: Ray Train merges them into one checkpoint in storage
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
         engine.run(data, on_log=lambda m: ray.train.report(m), on_checkpoint=report_checkpoint)
     except DETERMINISTIC_ERRORS as err:
