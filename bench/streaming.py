@@ -23,7 +23,6 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SHAPE = (4, 64, 64)
+STREAM_BUFFER_MB = 128  # train.stream_buffer_mb here: a third of the 10× dataset (the default, 256, is for real sizes)
 
 
 def write_pairs(folder: Path, n: int, seed: int = 0, rows_per_file: int = 512) -> Path:
@@ -102,7 +102,7 @@ def case(model: str, pairs: str, stream: bool, batch: int, steps: int, out: str)
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     cfg = TrainConfig(model=model, objective={"name": "diffusion-dpo"}, lr=1e-5, max_steps=steps, batch_size=batch,
-                      checkpoint_every=steps, log_every=max(1, steps // 4), stream_pairs=stream, shuffle_buffer=4 * batch,
+                      checkpoint_every=steps, log_every=max(1, steps // 4), stream_pairs=stream, shuffle_buffer=4 * batch, stream_buffer_mb=STREAM_BUFFER_MB,
                       torch_threads=1)
     t0 = time.time()
     result = run_training(cfg, pairs, Path(out).parent / "storage", Path(out).stem, progress=False)
@@ -115,34 +115,41 @@ def case(model: str, pairs: str, stream: bool, batch: int, steps: int, out: str)
 
 
 def run(args) -> dict:
+    from diffusers import UNet2DConditionModel
+
     from bench.gpu import build_sd15_folder
     from pipeline.data.schema import scan_pairs
 
-    from diffusers import UNet2DConditionModel
-
-    work = Path(tempfile.mkdtemp(prefix="bench_streaming_"))
-    model = build_sd15_folder(work / "model", tiny=True, vae=False)
-    # attention only at the 16×16 level: at 64×64 a batch's self-attention maps alone take gigabytes
-    UNet2DConditionModel(sample_size=64, cross_attention_dim=64, block_out_channels=(16, 16, 32),
-                         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), layers_per_block=1,
-                         norm_num_groups=8, attention_head_dim=8).save_pretrained(model / "unet")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "model"
+    if not (model / "model_index.json").is_file():
+        build_sd15_folder(model, tiny=True, vae=False)
+        # attention only at the 16×16 level: at 64×64 a batch's self-attention maps alone take gigabytes
+        UNet2DConditionModel(sample_size=64, cross_attention_dim=64, block_out_channels=(16, 16, 32),
+                             down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), layers_per_block=1,
+                             norm_num_groups=8, attention_head_dim=8).save_pretrained(model / "unet")
     rows = []
     for scale in (1, 10):
         n = args.pairs * scale
-        pairs = write_pairs(work / f"pairs_{scale}x", n)
+        pairs = work / f"pairs_{scale}x"
+        if len(list(pairs.glob("*.parquet"))) != -(-n // 512):
+            write_pairs(pairs, n)
         size = sum(f.stat().st_size for f in scan_pairs(pairs, values=False).files)
         for stream in (False, True):
             out = work / f"case_{scale}x_{'stream' if stream else 'memory'}.json"
             cmd = [sys.executable, __file__, "case", str(model), str(pairs), str(int(stream)), str(args.batch),
                    str(n // args.batch), str(out)]
-            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if not out.is_file():  # a finished case is kept: an interrupted run resumes (same --pairs/--batch)
+                subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             res = json.loads(out.read_text())
             rows.append({"scale": scale, "pairs": n, "parquet_bytes": size, "stream": stream, **res})
             print(f"{scale}× ({n} pairs) {'stream' if stream else 'memory'}: driver {res['peaks']['driver_rss'] / 2**30:.2f} GiB, "
                   f"worker {res['peaks']['worker_rss'] / 2**30:.2f} GiB, object store {res['peaks']['object_store'] / 2**30:.2f} GiB, "
                   f"{res['seconds']:.0f} s", flush=True)
     return {"machine": f"{platform.machine()}, {platform.processor() or ''}".strip(", "), "batch": args.batch,
+            "stream_buffer_mb": STREAM_BUFFER_MB,
             "latent_shape": list(SHAPE), "rows": rows}
 
 
@@ -166,12 +173,13 @@ def report(res: dict) -> str:
         a, b = by[(1, stream)], by[(10, stream)]
         mode = "streamed" if stream else "in memory"
         lines.append(f"- {mode}: driver peak RSS 10× / 1× = **{b['peaks']['driver_rss'] / a['peaks']['driver_rss']:.2f}** "
-                     f"(target ≤ 1.2); worker 10× / 1× = {b['peaks']['worker_rss'] / max(a['peaks']['worker_rss'], 1):.2f}; "
-                     f"object store 10× / 1× = {b['peaks']['object_store'] / max(a['peaks']['object_store'], 1):.2f}.")
-    lines += ["", "The driver never holds the table in either mode (it reads the files' metadata and checksums). In "
-              "memory, each worker materialises the whole table (exact resume, the in-process order); streamed, a "
-              "worker holds a shuffle buffer and Ray Data's prefetched blocks, so its memory and the object store's "
-              "do not grow with the dataset."]
+                     f"(target ≤ 1.2); training worker 10× / 1× = {b['peaks']['worker_rss'] / a['peaks']['worker_rss']:.2f}; "
+                     f"object store peak {gib(a['peaks']['object_store'])} → {gib(b['peaks']['object_store'])} GiB.")
+    lines += ["", f"Streamed cases read with `train.stream_buffer_mb = {res.get('stream_buffer_mb', '?')}` (Ray Data's object-store "
+              "budget for the training read: how far it may read ahead of the workers). The driver reads only the "
+              "files' metadata and checksums in both modes. In memory, each worker materialises the whole table (exact "
+              "resume, the in-process order). The object-store column is Ray's memory summary in whole MiB, sampled "
+              "every 0.2 s: a block that lives for less than a sample can be missed."]
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +192,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=320, help="pairs at 1× (10× is ten times as many)")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--work", default=str(ROOT / "bench" / "work" / "streaming"),
+                        help="model, pairs and finished cases (reused by a rerun with the same sizes)")
     args = parser.parse_args(argv)
     res = run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,7 @@ class TrainConfig:
     # worker streams its split of the Parquet files epoch by epoch (tables larger than a worker's memory)
     stream_pairs: bool = False
     shuffle_buffer: int = 1024  # pairs in the local shuffle buffer when streaming (0 = file order)
+    stream_buffer_mb: int = 256  # object store a streamed read may fill ahead of the workers (Ray Data's budget)
     torch_threads: int = 0  # per worker; 0 = Ray's default (one thread per reserved CPU)
     seed: int = 0
 
@@ -125,7 +126,8 @@ class TrainConfig:
             ("batch_size", self.batch_size >= 1, ">= 1"), ("grad_accum", self.grad_accum >= 1, ">= 1"),
             ("num_workers", self.num_workers >= 1, ">= 1"), ("torch_threads", self.torch_threads >= 0, ">= 0"),
             ("checkpoint_every", self.checkpoint_every >= 1, ">= 1"),
-            ("shuffle_buffer", self.shuffle_buffer >= 0, ">= 0 (0 = file order)"), ("log_every", self.log_every >= 1, ">= 1"),
+            ("shuffle_buffer", self.shuffle_buffer >= 0, ">= 0 (0 = file order)"),
+            ("stream_buffer_mb", self.stream_buffer_mb >= 1, ">= 1"), ("log_every", self.log_every >= 1, ">= 1"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"), ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)"),
             ("ema_decay", 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
             ("lora_rank", self.lora_rank >= 0, ">= 0 (0 = full fine-tuning)"),

@@ -70,6 +70,8 @@ def run_training(cfg: TrainConfig, pairs: str | Path | Sequence[str | Path], sto
     dataset = _read_pairs_dataset([str(f) for i in infos for f in i.files])
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # a stream re-reads the files in the same order every epoch and after a restart
+    if cfg.stream_pairs:  # read ahead only this far: the object store holds a window, not the dataset
+        ingest.resource_limits = ingest.resource_limits.copy(object_store_memory=cfg.stream_buffer_mb << 20)
     fatal_path = (Path(storage) / name / FATAL_FILE).resolve()
     fatal_path.unlink(missing_ok=True)  # a previous attempt's; this one starts clean
     trainer = TorchTrainer(
