@@ -21,7 +21,6 @@ The folder is written atomically: a reader sees the previous export or the compl
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile

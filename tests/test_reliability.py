@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pipeline.data.schema import MAX_ABS_LATENT, SchemaError, read_pairs
 from pipeline.training.config import TrainConfig

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 
 from ..config import absolute_paths, fingerprint, sections, to_dict
@@ -219,32 +218,38 @@ def generate(cfg: GenerationConfig, out: str | Path) -> dict:
                              f"pairing {cfg.pairing!r}, min_reward_gap {cfg.min_reward_gap}): every prompt's "
                              "samples tied; use more samples_per_prompt or a smaller min_reward_gap")
         # validate what was written (schema, finite values) before marking it, one batch in memory at a time
-        info = scan_pairs(tmp / PARQUET_DIR)
-        prompts = {p for f in info.files for p in pq.read_table(f, columns=["prompt"]).column(0).to_pylist()}
+        stats = _PairStatistics()
+        info = scan_pairs(tmp / PARQUET_DIR, on_batch=stats.add)
         stage.close(f"{info.num_rows} pairs", done=total)
         manifest = {
             "fingerprint": cfg.fingerprint(), "config": asdict(cfg), "num_pairs": info.num_rows,
-            "num_prompts": len(prompts), "seconds": round(time.time() - t0, 2),
+            "num_prompts": len(stats.prompts), "seconds": round(time.time() - t0, 2),
             "parquet_dir": PARQUET_DIR, "files": folder_checksums(tmp / PARQUET_DIR),
         }
         if cfg.strategy == "onpolicy" and info.num_rows:
-            manifest.update(_pair_statistics(info.files))
+            manifest.update(stats.means())
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
     return {**manifest, "skipped": False}
 
 
-def _pair_statistics(files: list[Path]) -> dict:
-    """The round table's data statistics — mean reward gap, mean prompt reward, mean winner–loser RMS distance
-    (latent units) — accumulated one batch at a time."""
-    n = gap = prompt_reward = distance = 0.0
-    columns = ["reward_w", "reward_l", "prompt_reward_mean", "latent_w", "latent_l"]
-    for f in files:
-        for b in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=columns):
-            rows = b.num_rows
-            lw, ll = (np.asarray(b.column(c).flatten(), dtype=np.float32).reshape(rows, -1)
-                      for c in ("latent_w", "latent_l"))
-            n += rows
-            gap += float((b.column("reward_w").to_numpy() - b.column("reward_l").to_numpy()).sum())
-            prompt_reward += float(b.column("prompt_reward_mean").to_numpy().sum())
-            distance += float(np.sqrt(((lw - ll) ** 2).mean(1)).sum())
-    return {"mean_reward_gap": gap / n, "mean_prompt_reward": prompt_reward / n, "mean_pair_distance": distance / n}
+class _PairStatistics:
+    """The manifest's data statistics, accumulated over the validated batches: the prompts, and for the round
+    table the mean reward gap, mean prompt reward and mean winner–loser RMS distance (latent units)."""
+
+    def __init__(self):
+        self.prompts: set[str] = set()
+        self.n = self.gap = self.prompt_reward = self.distance = 0.0
+
+    def add(self, b) -> None:
+        rows = b.num_rows
+        self.prompts.update(b.column("prompt").to_pylist())
+        lw, ll = (np.asarray(b.column(c).combine_chunks().flatten(), dtype=np.float32).reshape(rows, -1)
+                  for c in ("latent_w", "latent_l"))
+        self.n += rows
+        self.gap += float((b.column("reward_w").to_numpy() - b.column("reward_l").to_numpy()).sum())
+        self.prompt_reward += float(b.column("prompt_reward_mean").to_numpy().sum())
+        self.distance += float(np.sqrt(((lw - ll) ** 2).mean(1)).sum())
+
+    def means(self) -> dict:
+        return {"mean_reward_gap": self.gap / self.n, "mean_prompt_reward": self.prompt_reward / self.n,
+                "mean_pair_distance": self.distance / self.n}

@@ -19,6 +19,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -204,13 +205,15 @@ class PairsInfo:
     latent_shape: tuple[int, ...] | None  # None for an empty dataset
 
 
-def scan_pairs(path: str | Path, *, values: bool = True, batch_rows: int = 1024) -> PairsInfo:
+def scan_pairs(path: str | Path, *, values: bool = True, batch_rows: int = 1024,
+               on_batch: Callable[[pa.Table], None] | None = None) -> PairsInfo:
     """Validate a pairs dataset file by file and batch by batch, in memory bounded by one batch — how the
     driver checks a dataset it must not load (a cluster-scale pairs table does not fit in its memory).
 
     ``values=False`` checks the checksums, the files' schema and the row counts from the Parquet metadata
     only, and reads the latent shapes from the first row of each file; the trainer's workers check the
-    values of what they read."""
+    values of what they read. ``on_batch`` (with ``values``) gets every validated batch: statistics of the
+    dataset in the same single pass."""
     files = pair_files(path)
     rows, shapes = 0, set()
     for f in files:
@@ -227,6 +230,8 @@ def scan_pairs(path: str | Path, *, values: bool = True, batch_rows: int = 1024)
                 table = validate_table(pa.Table.from_batches([batch]), str(f), first_row=rows)
                 shapes.update(tuple(s) for s in table.column("latent_shape").to_pylist())
                 rows += table.num_rows
+                if on_batch is not None:
+                    on_batch(table)
         except (pa.ArrowInvalid, OSError) as err:
             raise SchemaError(f"{f}: not a readable Parquet file ({err})") from err
     if len(shapes) > 1:
