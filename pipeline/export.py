@@ -5,8 +5,9 @@ Shared by ``jobs/train.py`` and the online rounds. ``policy_from_checkpoint`` pi
 folder with only the denoiser (``unet/`` or ``transformer/``) replaced by the trained one: everything else
 — ``model_index.json``, the scheduler, VAE, text encoders, tokenizers, a safety checker and feature
 extractor, any other file — is copied byte for byte, so the folder loads wherever the base model does
-(``load_backbone(folder)`` is the policy; ``StableDiffusionPipeline.from_pretrained(folder)`` &c. sample
-from it). With LoRA the adapter is **merged** into that denoiser, and the adapter alone is written as well,
+(``load_backbone(folder)`` is the policy; ``StableDiffusionPipeline.from_pretrained(folder)``,
+``WanPipeline.from_pretrained(folder)``, ``CogVideoXPipeline.from_pretrained(folder)`` &c. sample from it).
+With LoRA the adapter is **merged** into that denoiser, and the adapter alone is written as well,
 in diffusers format, to ``<denoiser>_lora/`` (``unet_lora/`` for UNet models) — to apply it to the *base*
 model, not to the exported one, which already contains it::
 
@@ -76,10 +77,9 @@ def optimizer_from_checkpoint(checkpoint_dir: str | Path, dest: str | Path) -> P
 
 
 def denoiser_subfolder(backbone) -> str:
-    """The model-folder name of the backbone's denoiser: ``transformer`` for SD3-style models, else ``unet``."""
-    from .backbones import SD3Backbone
-
-    return "transformer" if isinstance(backbone, SD3Backbone) else "unet"
+    """The model-folder name of the backbone's denoiser: ``transformer`` for SD3-style and video models, else
+    ``unet`` (each backbone class says, :attr:`~pipeline.backbones.Backbone.denoiser_subfolder`)."""
+    return backbone.denoiser_subfolder
 
 
 def export_model(model: str | Path, weights: str | Path, out: str | Path, *, lora_rank: int = 0) -> Path:

@@ -29,8 +29,8 @@ from .objectives import Parameterization
 
 @dataclass
 class SampleOutput:
-    images: Tensor  # (N, 3, H, W) in [-1, 1], on CPU
-    latents: Tensor  # (N, C, h, w) final latents, on CPU
+    images: Tensor  # (N, 3, H, W) in [-1, 1], on CPU; videos (N, 3, F, H, W) for a video backbone
+    latents: Tensor  # (N, C, h, w) final latents, on CPU; (N, C, f, h, w) for a video backbone
     log_probs: Tensor  # (N, steps) mean-over-dims log-density of each transition; 0 where deterministic
     timesteps: Tensor  # (steps,) the network timestep values visited
 
@@ -62,7 +62,7 @@ def _sample_batch(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[in
                   reference: bool) -> SampleOutput:
     device = backbone.device
     flow = backbone.process.parameterization is Parameterization.FLOW
-    scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(backbone.scheduler_config)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(backbone.scheduler_config) if flow else _ddim_scheduler(backbone)
     scheduler.set_timesteps(cfg.num_steps)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     n = len(prompts)
@@ -95,6 +95,20 @@ def _sample_batch(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[in
     images = backbone.decode_latents(x)
     return SampleOutput(images=images.cpu(), latents=x.cpu(), log_probs=torch.stack(log_probs, 1).cpu(),
                         timesteps=scheduler.timesteps.clone().cpu())
+
+
+def _ddim_scheduler(backbone: Backbone) -> DDIMScheduler:
+    """``DDIMScheduler`` of the backbone's scheduler config, stepping on the ᾱ table the model was trained on.
+
+    For SD-family configs the two tables agree and nothing changes; CogVideoX's schedulers shift ᾱ by
+    ``snr_shift_scale``, which ``DDIMScheduler`` does not know, so its table is replaced by the process's."""
+    scheduler = DDIMScheduler.from_config(backbone.scheduler_config)
+    trained = backbone.process.alphas.pow(2)
+    if not torch.allclose(scheduler.alphas_cumprod.double(), trained, rtol=1e-5, atol=1e-7):
+        scheduler.alphas_cumprod = trained.float()
+        scheduler.final_alpha_cumprod = (torch.tensor(1.0) if scheduler.config.set_alpha_to_one
+                                         else scheduler.alphas_cumprod[0])
+    return scheduler
 
 
 def _flow_step(x: Tensor, velocity: Tensor, sigma_t: float, sigma_s: float, eta: float, z: Tensor) -> tuple[Tensor, float]:
@@ -146,7 +160,8 @@ def _ddim_step(scheduler: DDIMScheduler, pred: Tensor, t: int, prev_t: int, x: T
 
 def sample(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], cfg: SamplerConfig = SamplerConfig(),
            *, reference: bool = False, progress: bool = False) -> SampleOutput:
-    """Sample one image per (prompt, seed); ``reference=True`` samples from the frozen reference."""
+    """Sample one image (a video for a video backbone) per (prompt, seed); ``reference=True`` samples from the frozen
+    reference."""
     if len(prompts) != len(seeds):
         raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds; expected one seed per prompt")
     outs = []

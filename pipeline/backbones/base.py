@@ -1,8 +1,13 @@
 """The backbone interface: everything data generation, training and evaluation need from a model.
 
-A backbone bundles a text encoder, a denoiser (UNet or transformer), an optional image autoencoder and the
+A backbone bundles a text encoder, a denoiser (UNet or transformer), an optional autoencoder and the
 diffusion process of its scheduler. Callers never touch the components directly, so the embedded toy
-world and real SD / SDXL / flow models are interchangeable.
+world and real SD / SDXL / flow models are interchangeable — and so are the video models (Wan, CogVideoX).
+
+One layout everywhere: images are (B, 3, H, W) and image latents (B, C, H, W); videos are (B, 3, F, H, W) and
+video latents (B, C, F, H, W), all in [-1, 1] in pixel space. A video backbone (``is_video``) takes and returns
+videos where an image backbone takes images; everything else (noising, objectives, sampling) is
+shape-agnostic, reducing over every non-batch dimension.
 
 Conditioning is a ``dict`` of batch-first tensors passed to the denoiser as keyword arguments (for SDXL
 it also carries pooled embeddings and size ids), so it can be concatenated, repeated and indexed
@@ -43,8 +48,12 @@ class Backbone(ABC):
     denoiser: nn.Module
     #: the diffusers scheduler config the model was trained with (samplers are built from it)
     scheduler_config: dict
-    #: the image autoencoder, or None for a pixel-space model
+    #: the autoencoder, or None for a pixel-space model
     vae = None
+    #: whether samples are videos (B, 3, F, H, W) and latents (B, C, F, H, W) rather than images
+    is_video: bool = False
+    #: the model-folder subfolder holding the denoiser (what an export replaces)
+    denoiser_subfolder: str = "unet"
 
     def __init__(self):
         self._reference: nn.Module | None = None
@@ -60,15 +69,17 @@ class Backbone(ABC):
         return self.encode_prompts([""] * n)
 
     def encode_images(self, images: Tensor) -> Tensor:
-        """Images in [-1, 1], NCHW → the latents the denoiser works on (identity in pixel space)."""
+        """Images in [-1, 1], NCHW (videos: B, 3, F, H, W) → the latents the denoiser works on (identity in pixel
+        space)."""
         return vae_lib.encode_images(self.vae, images)
 
     def decode_latents(self, latents: Tensor) -> Tensor:
-        """Latents → images in [-1, 1], NCHW."""
+        """Latents → images in [-1, 1], NCHW (videos: B, 3, F, H, W)."""
         return vae_lib.decode_latents(self.vae, latents)
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one latent at the backbone's native resolution (from the denoiser's config)."""
+    def latent_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one latent at the backbone's native resolution (from the denoiser's config); video
+        backbones return (C, F, H, W)."""
         cfg = self.denoiser.config
         return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
 

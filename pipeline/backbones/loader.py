@@ -9,9 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from .base import Backbone
+from .cogvideox import CogVideoXBackbone
 from .sd3 import SD3Backbone
 from .sdxl import SDXLBackbone
 from .unet import UNetBackbone, check_model_folder
+from .video import VideoBackbone
+from .wan import WanBackbone
 
 #: diffusers pipeline class names (model_index.json "_class_name") → backbone class
 PIPELINE_CLASSES: dict[str, type[Backbone]] = {
@@ -19,6 +22,15 @@ PIPELINE_CLASSES: dict[str, type[Backbone]] = {
     "ToyWorldReference": UNetBackbone,
     "StableDiffusionXLPipeline": SDXLBackbone,
     "StableDiffusion3Pipeline": SD3Backbone,
+    "WanPipeline": WanBackbone,
+    "CogVideoXPipeline": CogVideoXBackbone,
+}
+
+#: transformer ``_class_name`` → backbone class, for folders without ``model_index.json``
+TRANSFORMER_CLASSES: dict[str, type[Backbone]] = {
+    "SD3Transformer2DModel": SD3Backbone,
+    "WanTransformer3DModel": WanBackbone,
+    "CogVideoXTransformer3DModel": CogVideoXBackbone,
 }
 
 
@@ -34,21 +46,31 @@ def backbone_class(path: str | Path) -> type[Backbone]:
             return PIPELINE_CLASSES[name]
         raise ValueError(f"{index}: pipeline class {name!r} is not supported; expected one of {sorted(PIPELINE_CLASSES)}")
     if (path / "transformer").is_dir():
-        return SD3Backbone
+        config = path / "transformer" / "config.json"
+        name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+        return TRANSFORMER_CLASSES.get(name, SD3Backbone)
     if (path / "text_encoder_2").is_dir():
         return SDXLBackbone
     return UNetBackbone
 
 
 def load_backbone(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  lora_rank: int = 0, weights: str | Path = "") -> Backbone:
+                  lora_rank: int = 0, weights: str | Path = "", video_size: tuple[int, int, int] | None = None) -> Backbone:
     """Load any supported local model folder.
 
     ``weights`` is a trained denoiser (``denoiser.safetensors`` written by the trainer) loaded strictly on
     top of the folder's — how a round's policy is restored for sampling and evaluation. (Training sets its
     reference explicitly; see ``pipeline/training/reference.py``.) ``lora_rank > 0`` trains LoRA adapters.
+    ``video_size`` = (frames, height, width) in pixels sets a video backbone's clip size (default: the folder's
+    ``_video_size``, else the family's; see :mod:`.video`); image backbones refuse it.
     """
-    backbone = backbone_class(path).from_pretrained(path, device=device, dtype=dtype)
+    cls = backbone_class(path)
+    kw = {}
+    if video_size is not None:
+        if not issubclass(cls, VideoBackbone):
+            raise ValueError(f"video_size={video_size!r}: {path} is an image model ({cls.__name__})")
+        kw["video_size"] = tuple(video_size)
+    backbone = cls.from_pretrained(path, device=device, dtype=dtype, **kw)
     if lora_rank:
         backbone.enable_lora(rank=lora_rank)
     if weights:

@@ -31,6 +31,8 @@ T5_MAX_LENGTH = 256
 
 
 class SD3Backbone(Backbone):
+    denoiser_subfolder = "transformer"
+
     def __init__(self, tokenizers: Sequence, text_encoders: Sequence[nn.Module], transformer: SD3Transformer2DModel,
                  scheduler_config: dict, vae: AutoencoderKL, t5_max_length: int = T5_MAX_LENGTH):
         super().__init__()

@@ -26,9 +26,10 @@ import torch
 
 
 def repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks FSDP2 shards one by one (UNet down/mid/up blocks, transformer blocks)."""
+    """The repeated blocks FSDP2 shards one by one (UNet down/mid/up blocks; transformer blocks: ``transformer_blocks``
+    of SD3 and CogVideoX, ``blocks`` of Wan)."""
     blocks = []
-    for name in ("down_blocks", "up_blocks", "transformer_blocks"):
+    for name in ("down_blocks", "up_blocks", "transformer_blocks", "blocks"):
         blocks += list(getattr(module, name, []))
     if getattr(module, "mid_block", None) is not None:
         blocks.append(module.mid_block)
