@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from ..config import absolute_paths, fingerprint, sections, to_dict
+from ..config import absolute_paths, differences, fingerprint, sections, to_dict
 from ..sampling import SamplerConfig
 from ..toyworld.reference import REFERENCE_DIR
 from ..utils.atomic import NotOurOutput, atomic_directory, check_replaceable, is_complete
@@ -39,6 +39,28 @@ PARQUET_DIR = "pairs"
 LIGHT_STAGE_CPUS = 0.25
 ROWS_PER_PARTITION = 512
 PLACEMENT = ("actor_resources", "actor_labels")  # GenerationConfig fields that only say where actors run
+# GenerationConfig fields that only say how many actors run and how far Ray Data reads ahead: not the pairs
+POOLS = ("num_actors", "generation_pool", "reward_pool", "object_store_mb")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """An actor pool's bounds: Ray Data starts ``min_size`` actors and adds more, up to ``max_size``, while inputs
+    wait for one (and lets idle ones go); equal bounds make a fixed pool. Why bounds rather than a size: a cluster's
+    generation and reward stages need different widths, and an autoscaling pool takes the GPUs it can use."""
+
+    min_size: int = 1
+    max_size: int = 1
+
+    def __post_init__(self):
+        if self.min_size < 1:
+            raise ValueError(f"min_size={self.min_size!r}: expected >= 1")
+        if self.max_size < self.min_size:
+            raise ValueError(f"max_size={self.max_size!r}: expected >= min_size ({self.min_size})")
+
+    def strategy(self, initial: int | None = None) -> ray.data.ActorPoolStrategy:
+        start = self.min_size if initial is None else min(max(initial, self.min_size), self.max_size)
+        return ray.data.ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size, initial_size=start)
 
 
 @dataclass(frozen=True)
@@ -59,7 +81,12 @@ class GenerationConfig:
     reward: Any = field(default_factory=lambda: {"name": "toy"})
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     batch_size: int = 32
+    # generation actors: a fixed pool of this size, or with generation_pool the actors started (clamped into its bounds)
     num_actors: int = 1
+    generation_pool: PoolConfig | None = None  # the generation actors' min/max (autoscaling); None: num_actors, fixed
+    reward_pool: PoolConfig = field(default_factory=PoolConfig)  # the reward model actors' min/max (on-policy)
+    # object store (MiB) this run's Ray Data execution may fill ahead of its consumers (backpressure; 0: Ray's default)
+    object_store_mb: int = 0
     num_gpus_per_actor: float = -1.0  # -1: one GPU per model actor when the cluster has GPUs, else 0
     cpus_per_actor: float = 0.5  # CPUs a model actor reserves (its torch threads may use more)
     torch_threads: int = 0  # 0: leave Ray's default (one thread per reserved CPU)
@@ -74,7 +101,7 @@ class GenerationConfig:
     write_png: bool = True
 
     def __post_init__(self):
-        sections(self, sampler=SamplerConfig)
+        sections(self, sampler=SamplerConfig, generation_pool=PoolConfig, reward_pool=PoolConfig)
         absolute_paths(self, "model", "weights", "prompts", "llm_path", "reward")
         checks = [
             ("strategy", self.strategy in GENERATED_STRATEGIES, f"one of {GENERATED_STRATEGIES}"),
@@ -87,6 +114,7 @@ class GenerationConfig:
             ("lora_rank", self.lora_rank >= 0, ">= 0"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("num_actors", self.num_actors >= 1, ">= 1"),
+            ("object_store_mb", self.object_store_mb >= 0, ">= 0 (0 = Ray Data's default)"),
             ("cpus_per_actor", self.cpus_per_actor > 0, "> 0"),
             ("group_size", self.group_size >= 2, ">= 2"),
             ("min_reward_gap", self.min_reward_gap >= 0, ">= 0"),
@@ -96,10 +124,24 @@ class GenerationConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected {expected}")
         check_placement(self, "actor_resources", "actor_labels")
 
+    @property
+    def generation_bounds(self) -> PoolConfig:
+        """The generation pool's bounds: ``generation_pool``, else a fixed pool of ``num_actors``."""
+        return self.generation_pool or PoolConfig(self.num_actors, self.num_actors)
+
     def fingerprint(self) -> str:
-        """The dataset's identity. The placement fields are left out: where the actors run does not change the
-        pairs (tests/test_multinode.py checks them bit for bit), and datasets made before they existed still match."""
-        return fingerprint({k: v for k, v in to_dict(self).items() if k not in PLACEMENT})
+        """The dataset's identity. The placement and pool fields are left out: where and how many actors run, and
+        how far Ray Data reads ahead, do not change the pairs (tests/test_multinode.py and
+        tests/test_generation_pools.py check them), so a rerun on other resources finds its dataset."""
+        return fingerprint({k: v for k, v in to_dict(self).items() if k not in PLACEMENT + POOLS})
+
+    def same_pairs(self, recorded: dict) -> bool:
+        """Whether a manifest's recorded config (``to_dict`` of a config, possibly from before some fields existed)
+        makes the same pairs as this one: equal in every field but placement and pools. Datasets made when
+        ``num_actors`` was still part of the fingerprint match this way."""
+        diffs = differences({k: v for k, v in recorded.items() if k not in PLACEMENT + POOLS},
+                            {k: v for k, v in to_dict(self).items() if k not in PLACEMENT + POOLS})
+        return not diffs
 
 
 def _gpus(cfg: GenerationConfig) -> float:
@@ -112,7 +154,8 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
     """The lazy Ray Data pipeline for one config (nothing runs until it is consumed)."""
     from .prompts import load_prompts
 
-    pool = ray.data.ActorPoolStrategy(size=cfg.num_actors)
+    bounds = cfg.generation_bounds
+    pool = bounds.strategy(initial=cfg.num_actors)
     gpus = _gpus(cfg)
     # where the model actors may run (None: anywhere); the light stages go wherever there is room
     place = dict(resources=cfg.actor_resources or None, label_selector=cfg.actor_labels or None)
@@ -124,8 +167,11 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
     # them to the data instead, about ROWS_PER_PARTITION rows each.
     rows = len(prompts) * (cfg.samples_per_prompt if cfg.strategy == "onpolicy" else 1)
     parts = max(1, min(200, rows // ROWS_PER_PARTITION))
-    # …but give every model actor a few blocks to work on.
-    ds = ray.data.from_items(prompts, override_num_blocks=min(len(prompts), max(parts, 4 * cfg.num_actors)))
+    # …but give every model actor the pool may grow to a few blocks to work on.
+    ds = ray.data.from_items(prompts, override_num_blocks=min(len(prompts), max(parts, 4 * bounds.max_size)))
+    if cfg.object_store_mb:  # backpressure: the whole run (every dataset derived from this one) shares this context
+        options = ds.context.execution_options
+        options.resource_limits = options.resource_limits.copy(object_store_memory=cfg.object_store_mb << 20)
 
     if cfg.strategy in ("ddspo-paired", "not-paired"):  # strategies that need c⁻ of the prompt itself
         if cfg.perturb == "llm":
@@ -146,7 +192,7 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
                                                                seed=cfg.seed, round_=cfg.round), **light)
         ds = ds.map_batches(stages.GenerateImages, fn_constructor_kwargs=dict(columns={"": "prompt"}, **gen_kwargs),
                             **generate)
-        ds = ds.map_batches(stages.ScoreImages, batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=1),
+        ds = ds.map_batches(stages.ScoreImages, batch_size=cfg.batch_size, compute=cfg.reward_pool.strategy(),
                             num_cpus=LIGHT_STAGE_CPUS, num_gpus=gpus, **place, fn_constructor_kwargs=dict(reward=cfg.reward))
         return ds.groupby("prompt_id", num_partitions=parts).map_groups(
             pairing.pairs_from_rollouts, fn_kwargs=dict(pairing=cfg.pairing, min_gap=cfg.min_reward_gap,
@@ -177,9 +223,8 @@ def existing_output(cfg: GenerationConfig, out: str | Path) -> dict | None:
             raise NotOurOutput(f"{out} is a finished output of this project but not a pairs dataset (no {MANIFEST}); "
                                f"choose another --out")
         manifest = json.loads((out / MANIFEST).read_text())
-        if manifest["fingerprint"] == cfg.fingerprint():
+        if manifest["fingerprint"] == cfg.fingerprint() or cfg.same_pairs(manifest.get("config", {})):
             return manifest
-        from ..config import differences, to_dict
         from ..utils.run_record import describe
 
         raise FileExistsError(f"{out} holds a finished dataset made with another config "

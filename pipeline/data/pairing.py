@@ -44,6 +44,11 @@ def expand_samples(row: dict[str, Any], *, samples_per_prompt: int, seed: int, r
 def pair_row(*, strategy: str, round_: int, policy_version: str, prompt: str, perturbed: str, seed_w: int,
               seed_l: int, reward_w: float, reward_l: float, stats: tuple[float, float, int], latent_w: np.ndarray,
               latent_l: np.ndarray, png_w: bytes, png_l: bytes) -> dict[str, Any]:
+    """One row of the pair schema. Latents of any rank are stored flat with their shape: (C, H, W) images or
+    (C, F, H, W) videos (``validate_table`` checks the rank); winner and loser must share it."""
+    if np.shape(latent_w) != np.shape(latent_l):
+        raise ValueError(f"pair of {prompt!r}: winner latent {np.shape(latent_w)} and loser latent "
+                         f"{np.shape(latent_l)} differ in shape")
     return {
         "schema_version": SCHEMA_VERSION,
         "pair_id": make_pair_id(strategy, round_, policy_version, prompt, perturbed, seed_w, seed_l),

@@ -1,12 +1,18 @@
-"""The preference-pair Parquet schema (version 1) and its validating reader.
+"""The preference-pair Parquet schema (version 2) and its validating reader.
 
-One row is one training pair. Images are stored twice, on purpose:
+One row is one training pair of images or of videos. Samples are stored twice, on purpose:
 
-* ``latent_w`` / ``latent_l`` (float32 lists + ``latent_shape``) are what the trainer consumes: exactly
+* ``latent_w`` / ``latent_l`` (flat float32 lists + ``latent_shape``) are what the trainer consumes: exactly
   the tensors the generating model produced, so training needs no VAE pass and no lossy decode/encode
-  round trip (for the pixel-space toy world they *are* the images);
-* ``png_w`` / ``png_l`` are for people: open the Parquet file, look at the pairs. They can be turned
-  off (empty bytes) for very large runs.
+  round trip (for the pixel-space toy world they *are* the images). ``latent_shape`` is (C, H, W) for an image
+  and (C, F, H, W) for a video (the project's video latent layout without the batch axis);
+* ``png_w`` / ``png_l`` are for people: open the Parquet file, look at the pairs — a PNG of the image, or a
+  frame strip of the video (:mod:`pipeline.data.preview`). They can be turned off (empty bytes) for very
+  large runs.
+
+Version 2 (video) keeps version 1's columns and types; what changed is that ``latent_shape`` may have rank 4.
+The version was bumped so that a version-1 reader refuses a video dataset by its version instead of handing
+5-D latents to an image trainer. Version-1 files still read: their rows are image pairs, (C, H, W) only.
 
 ``perturbed_prompt`` is c⁻ for DDSPO strategies ("" otherwise). Rewards are NaN where a strategy does not
 score (label-free DDSPO). ``prompt_*`` columns keep per-prompt statistics of the scored samples the pair
@@ -26,7 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: the latent ranks each readable schema version allows: 3 = image (C, H, W), 4 = video (C, F, H, W)
+LATENT_RANKS = {1: (3,), 2: (3, 4)}
+SUPPORTED_VERSIONS = tuple(sorted(LATENT_RANKS))
 
 #: how a pair was made: the generation strategies (jobs/generate_pairs.py) and "human" (labels from a human study,
 #: pipeline/human/export.py)
@@ -66,7 +76,7 @@ MANIFEST = "manifest.json"  # beside the Parquet folder: the dataset's config, c
 
 
 class SchemaError(ValueError):
-    """A pairs file that is not a valid version-1 dataset; the message names the file and the problem."""
+    """A pairs file that is not a valid pairs dataset; the message names the file and the problem."""
 
 
 def make_pair_id(*parts: object) -> str:
@@ -89,15 +99,18 @@ def validate_table(table: pa.Table, source: str = "<table>", *, images: bool = T
         raise SchemaError(f"{source}: column types do not match the pair schema: {err}") from err
     if table.num_rows == 0:
         return table
-    versions = set(table.column("schema_version").to_pylist())
-    if versions != {SCHEMA_VERSION}:
-        raise SchemaError(f"{source}: schema_version {sorted(versions)}; this reader supports {SCHEMA_VERSION}")
+    versions = table.column("schema_version").to_pylist()
+    if not set(versions) <= set(SUPPORTED_VERSIONS):
+        raise SchemaError(f"{source}: schema_version {sorted(set(versions), key=str)}; this reader supports "
+                          f"{list(SUPPORTED_VERSIONS)}")
     bad = set(table.column("strategy").to_pylist()) - set(STRATEGIES)
     if bad:
         raise SchemaError(f"{source}: unknown strategy {sorted(bad)}; expected one of {STRATEGIES}")
+    shapes = table.column("latent_shape").to_pylist()
+    _check_latent_shapes(shapes, versions, table.column("pair_id"), source, first_row)
     sizes = pc.list_value_length(table.column("latent_w")).to_numpy()
     sizes_l = pc.list_value_length(table.column("latent_l")).to_numpy()
-    expected = np.array([int(np.prod(s)) for s in table.column("latent_shape").to_pylist()])
+    expected = np.array([int(np.prod(s)) for s in shapes])
     if not (np.array_equal(sizes, expected) and np.array_equal(sizes_l, expected)):
         row = int(np.argmax((sizes != expected) | (sizes_l != expected)))
         raise SchemaError(f"{source}: row {first_row + row} latent length {sizes[row]}/{sizes_l[row]} does not match "
@@ -111,6 +124,22 @@ def validate_table(table: pa.Table, source: str = "<table>", *, images: bool = T
             raise SchemaError(f"{source}: row {first_row + row} (pair_id {table.column('pair_id')[row].as_py()}) has {name} = "
                               f"{table.column(name)[row].as_py()}; expected a finite reward or NaN (not scored)")
     return table
+
+
+def _check_latent_shapes(shapes: list, versions: list, pair_ids: "pa.ChunkedArray | None", source: str,
+                         first_row: int = 0) -> None:
+    """Every row's ``latent_shape`` has a rank its schema version allows — (C, H, W) for an image, (C, F, H, W) for
+    a video (version 2) — and positive sizes: a flat latent can only be reshaped for the trainer if it does."""
+    for row, (shape, version) in enumerate(zip(shapes, versions)):
+        ranks = LATENT_RANKS[version]
+        if shape is not None and len(shape) in ranks and all(s is not None and s > 0 for s in shape):
+            continue
+        pid = f" (pair_id {pair_ids[row].as_py()})" if pair_ids is not None else ""
+        allowed = "(C, H, W) for an image or (C, F, H, W) for a video" if 4 in ranks else \
+            f"(C, H, W): schema_version {version} holds images only"
+        got = "null" if shape is None else f"{shape} (rank {len(shape)})"
+        raise SchemaError(f"{source}: row {first_row + row}{pid} column latent_shape is {got}; expected {allowed}, "
+                          f"with positive sizes")
 
 
 def _check_values(table: pa.Table, column: str, source: str, first_row: int = 0) -> None:
@@ -202,7 +231,12 @@ class PairsInfo:
 
     files: list[Path]
     num_rows: int
-    latent_shape: tuple[int, ...] | None  # None for an empty dataset
+    latent_shape: tuple[int, ...] | None  # (C, H, W) or, for videos, (C, F, H, W); None for an empty dataset
+
+    @property
+    def is_video(self) -> bool:
+        """Video pairs: per-row latents (C, F, H, W), batches (N, C, F, H, W)."""
+        return self.latent_shape is not None and len(self.latent_shape) == 4
 
 
 def scan_pairs(path: str | Path, *, values: bool = True, batch_rows: int = 1024,
@@ -222,8 +256,12 @@ def scan_pairs(path: str | Path, *, values: bool = True, batch_rows: int = 1024,
         if not values:
             rows += pf.metadata.num_rows
             if pf.metadata.num_rows:
-                first = next(pf.iter_batches(batch_size=1, columns=["latent_shape"]))
-                shapes.add(tuple(first.column(0)[0].as_py()))
+                first = next(pf.iter_batches(batch_size=1, columns=["schema_version", "latent_shape"]))
+                version, shape = first.column(0)[0].as_py(), first.column(1)[0].as_py()
+                if version not in LATENT_RANKS:
+                    raise SchemaError(f"{f}: schema_version [{version}]; this reader supports {list(SUPPORTED_VERSIONS)}")
+                _check_latent_shapes([shape], [version], None, str(f))
+                shapes.add(tuple(shape))
             continue
         try:
             for batch in pf.iter_batches(batch_size=batch_rows):
@@ -253,7 +291,8 @@ def read_pairs(path: str | Path) -> pa.Table:
 
 
 def latents_of(table: pa.Table, column: str) -> np.ndarray:
-    """A latent column as an (N, C, H, W) float32 array (all rows share one shape within a dataset)."""
+    """A latent column as an (N, C, H, W) — for videos (N, C, F, H, W) — float32 array (all rows share one shape
+    within a dataset)."""
     shapes = table.column("latent_shape").to_pylist()
     if len({tuple(s) for s in shapes}) > 1:
         raise SchemaError(f"latent shapes differ within the dataset: {sorted({tuple(s) for s in shapes})}")

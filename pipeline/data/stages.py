@@ -7,26 +7,18 @@ as float32 (N, 3, H, W) in [-1, 1].
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..backbones import load_backbone
 from ..rewards import build_reward
 from ..sampling import SamplerConfig, sample
 from .perturb import PERTURBATIONS, LLMRewriter, perturb
+from .preview import preview_png
 
 Batch = dict[str, np.ndarray]
-
-
-def _png(image: np.ndarray) -> bytes:
-    arr = np.clip((image.transpose(1, 2, 0) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------- perturbation
@@ -71,7 +63,9 @@ class GenerateImages:
             batch[f"image{suffix}"] = images
             batch[f"latent{suffix}"] = out.latents.numpy().astype(np.float32)
             batch[f"log_prob{suffix}"] = out.log_probs.sum(1).numpy().astype(np.float64)
-            batch[f"png{suffix}"] = np.array([_png(im) if self.write_png else b"" for im in images], dtype=object)
+            # an image's PNG, or a video's frame strip (pipeline/data/preview.py)
+            batch[f"png{suffix}"] = np.array([preview_png(im) if self.write_png else b"" for im in images],
+                                             dtype=object)
         return batch
 
 

@@ -9,7 +9,9 @@ with ``images`` (N, 3, H, W) in [-1, 1] on any device. Build them from config sp
 
 Known names: ``pickscore``, ``hps``, ``imagereward``, ``aesthetic``, ``clip_score``, ``toy``
 (a few aliases such as ``hpsv2`` / ``image_reward`` / ``clipscore`` are accepted). See
-docs/rewards.md for each model's folder layout, formula and preprocessing.
+docs/rewards.md for each model's folder layout, formula and preprocessing. Video scorers take
+``(N, 3, F, H, W)``: ``frame_average`` (``{"name": "frame_average", "inner": <any image spec>}``, the
+per-frame mean) and ``temporal_consistency`` (adjacent-frame CLIP similarity); see docs/rewards.md "Video".
 
 Spec keys: ``name`` (required); ``path`` and the model's own keyword arguments (``batch_size``,
 ``device``, ``dtype`` and e.g. ``processor_path``, ``clip_path``, ``model_config``, ``variant``);
@@ -38,11 +40,16 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "aesthetic": ("aesthetic", "AestheticScore"),
     "clip_score": ("clip_score", "CLIPScore"),
     "toy": ("toy", "ToyReward"),
+    "toy_video": ("toy_video", "ToyVideoReward"),
+    "frame_average": ("video", "FrameAverage"),
+    "temporal_consistency": ("video", "TemporalConsistency"),
 }
 _ALIASES = {
     "pick_score": "pickscore", "hpsv2": "hps", "hps_v2": "hps", "hpsv2.1": "hps", "hps_v2.1": "hps",
     "image_reward": "imagereward", "laion_aesthetic": "aesthetic", "aesthetic_score": "aesthetic",
     "clipscore": "clip_score", "clip": "clip_score", "toyworld": "toy",
+    "frame_avg": "frame_average", "frame_mean": "frame_average", "frames": "frame_average",
+    "temporal": "temporal_consistency", "frame_consistency": "temporal_consistency",
 }
 _MIXTURE_KEYS = ("weight", "mean", "std")
 
@@ -85,6 +92,8 @@ def _check_one(spec: Mapping[str, Any]) -> tuple[str, dict]:
     for k, v in kwargs.items():
         if k.endswith("path") and v and not Path(str(v)).exists():
             raise FileNotFoundError(f"reward {key!r}: {k}={v} does not exist (reward models load from local paths only)")
+    if "inner" in kwargs:  # a wrapper (frame_average): its inner spec is checked the same way, still loading nothing
+        check_reward_spec(kwargs["inner"])
     return key, kwargs
 
 

@@ -69,6 +69,9 @@ class RewardModel(ABC):
     """
 
     name: str = "reward"
+    #: True for scorers of videos ``(N, 3, F, H, W)``: ``__call__`` then checks 5-D input, and ``batch_size``
+    #: counts videos. Image scorers score videos through :class:`pipeline.rewards.video.FrameAverage`.
+    video: bool = False
 
     def __init__(self, batch_size: int = 32, device: "str | torch.device | None" = None) -> None:
         if int(batch_size) < 1:
@@ -109,7 +112,7 @@ class RewardModel(ABC):
             self.to(self._pending_device)
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        images, prompts = check_inputs(images, prompts)
+        images, prompts = check_inputs(images, prompts, video=self.video)
         out: list[torch.Tensor] = []
         with torch.no_grad():
             for start in range(0, images.shape[0], self.batch_size):
@@ -131,19 +134,28 @@ class RewardModel(ABC):
         return f"{type(self).__name__}(name={self.name!r}, device={self.device}, batch_size={self.batch_size})"
 
 
-def check_inputs(images: Any, prompts: Any) -> tuple[torch.Tensor, list[str]]:
-    """Validate the scorer inputs: a (N, 3, H, W) float tensor and N prompt strings."""
+def check_inputs(images: Any, prompts: Any, video: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Validate the scorer inputs: a (N, 3, H, W) float tensor — (N, 3, F, H, W) with ``video`` — and N prompt
+    strings. The errors say which layout the scorer expected, so an image batch given to a video scorer (or the
+    reverse) is named as such rather than failing inside a model."""
+    what, layout = ("videos", "(N, 3, F, H, W)") if video else ("images", "(N, 3, H, W)")
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor (N, 3, H, W) in [-1, 1], got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+        raise TypeError(f"{what} must be a torch.Tensor {layout} in [-1, 1], got {type(images).__name__}")
+    if images.ndim != (5 if video else 4) or images.shape[1] != 3:
+        hint = ""
+        if video and images.ndim == 4:
+            hint = " (an image batch: score images with an image scorer, or add a frame axis)"
+        elif not video and images.ndim == 5:
+            hint = (" (a video batch: score videos with a video scorer, e.g. "
+                    "{'name': 'frame_average', 'inner': <this scorer's spec>})")
+        raise ValueError(f"{what} must have shape {layout}, got {tuple(images.shape)}{hint}")
     if not images.is_floating_point():
-        raise TypeError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
+        raise TypeError(f"{what} must be floating point in [-1, 1], got dtype {images.dtype}")
     if isinstance(prompts, str):
-        raise TypeError("prompts must be a sequence of strings, one per image, not a single string")
+        raise TypeError(f"prompts must be a sequence of strings, one per {what[:-1]}, not a single string")
     prompts = list(prompts)
     if len(prompts) != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        raise ValueError(f"{images.shape[0]} {what} but {len(prompts)} prompts")
     if not all(isinstance(p, str) for p in prompts):
         prompts = [str(p) for p in prompts]  # e.g. toy-world PromptSpec objects
     return images, prompts
@@ -161,6 +173,7 @@ class Standardized(RewardModel):
         super().__init__(batch_size=inner.batch_size)
         self.inner, self.mean, self.std = inner, float(mean), float(std)
         self.name = inner.name
+        self.video = inner.video
         self._device = inner.device
 
     def modules(self) -> list[nn.Module]:
@@ -206,11 +219,18 @@ class WeightedMixture(RewardModel):
                 raise TypeError(f"mixture components must be RewardModel instances, got {type(model).__name__}")
             if not math.isfinite(weight):
                 raise ValueError(f"weight of {model.name} must be finite, got {weight}")
+        kinds = {model.video for model, _ in comps}
+        if len(kinds) > 1:  # one call gets one tensor: images (N, 3, H, W) or videos (N, 3, F, H, W), not both
+            raise ValueError("a mixture cannot combine image scorers "
+                             f"{[m.name for m, _ in comps if not m.video]} with video scorers "
+                             f"{[m.name for m, _ in comps if m.video]}; wrap each image scorer as "
+                             "{'name': 'frame_average', 'inner': <its spec>} to score videos frame by frame")
         mode = {False: "none", True: "batch", None: "none"}.get(standardize, standardize)  # type: ignore[arg-type]
         if mode not in ("none", "batch"):
             raise ValueError(f"standardize must be False/'none' or True/'batch', got {standardize!r}")
         super().__init__(batch_size=max(m.batch_size for m, _ in comps))
         self.components = comps
+        self.video = kinds.pop()
         self.standardize = mode
         self.eps = float(eps)
         self.name = "+".join(f"{w:g}*{m.name}" for m, w in comps)
@@ -231,7 +251,7 @@ class WeightedMixture(RewardModel):
     def component_scores(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Each component's raw (unweighted, unstandardised) scores, keyed by component name
         (``name``, ``name#2`` ... when a name repeats)."""
-        images, prompts = check_inputs(images, prompts)
+        images, prompts = check_inputs(images, prompts, video=self.video)
         out: dict[str, torch.Tensor] = {}
         for model, _ in self.components:
             key, k = model.name, 2
