@@ -243,13 +243,13 @@ def absolute_paths(obj: Any, *names: str) -> None:
     """In a (frozen) dataclass's ``__post_init__``: make the named local-path fields absolute, relative to this
     process's working directory. Ray Train's workers and Ray Data's actors do not run in the driver's working
     directory, so a relative ``model=./my_model`` would name another folder there. Empty values and values with
-    a scheme (sources such as ``toy:train``, remote URIs such as ``s3://bucket/x``) are left as they are; a
-    reward spec (a mapping, or a list of them) has its ``path`` and ``*_path`` keys made absolute."""
+    a scheme (sources such as ``toy:train`` or ``toy_video:heldout``, remote URIs such as ``s3://bucket/x``) are
+    left as they are; a reward spec (a mapping, or a list of them) has its ``path`` and ``*_path`` keys made absolute."""
     for name in names:
         object.__setattr__(obj, name, _absolute(getattr(obj, name), True))
 
 
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+._-]*:")  # "_": toy_video:heldout
 
 
 def _absolute(value: Any, is_path: bool) -> Any:

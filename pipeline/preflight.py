@@ -27,12 +27,24 @@ def _fail(where: str, err: Exception) -> PreflightError:
 
 
 def check_model(path: str | Path, where: str = "model") -> Path:
-    """A local model folder with every component its family needs."""
+    """A local model folder with every component its family needs (a toy world's reference folder that is not
+    there yet is named as such, with how to make it)."""
     try:
         cls = backbone_class(path)
         required = getattr(importlib.import_module(cls.__module__), "REQUIRED", ())
         return check_model_folder(path, required)
     except (FileNotFoundError, NotADirectoryError, ValueError) as err:
+        from .toyworld.worlds import WORLDS
+
+        for world in WORLDS.values():
+            try:
+                ours = Path(path).absolute() == world.reference_dir.absolute()
+            except ImportError:  # a world's reference module that cannot be imported here names no folder
+                ours = False
+            if ours and not world.reference_dir.is_dir():
+                raise PreflightError(f"error: {where}: the {world.name} world's reference model is not at "
+                                     f"{world.reference_dir} yet; train it with `python jobs/pretrain_toy.py"
+                                     f"{' --world video' if world.video else ''}` (docs/toyworld.md)") from None
         raise _fail(where, err) from None
 
 

@@ -2,7 +2,9 @@
 
 A recipe is a partial config tree (a mapping) merged over the dataclass defaults; a job starts from its
 default recipe, a ``--config`` file merges over it and ``--set`` overrides go last (``pipeline/cli.py``).
-``python jobs/iterative_sipo.py --print-config`` shows the resolved tree.
+``python jobs/iterative_sipo.py --print-config`` shows the resolved tree. A shipped config file under ``configs/``
+is such an overlay: ``configs/toy_video.yaml`` turns the default recipe into rounds on the toy video world (its
+model, prompts, reward and sizes; the objective stays this module's).
 
 Why these numbers: README (the embedded default's measured result), docs/jobs.md (the sweep's budget),
 bench/results/generation.md (two single-threaded generation actors beat one two-threaded actor on 2 cores).

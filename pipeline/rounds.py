@@ -22,6 +22,10 @@ Run directory::
 A finished round is published by an atomic rename with a completion marker; rerunning the job skips
 finished rounds and resumes an unfinished one (pairs are not regenerated, training resumes from its
 last checkpoint, bit-identically).
+
+Video models run the same loop (``configs/toy_video.yaml``: the toy video world): rollouts, pairs and training
+carry (N, C, F, H, W) latents, the evaluation scores per dimension through the world registry
+(:mod:`.toyworld.worlds`), and the grids are frame strips, one row per (prompt, seed) (docs/rounds.md, "Video").
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from .export import export_model, optimizer_from_checkpoint, policy_from_checkpo
 from .training.checkpoint import checkpoint_history
 from .sampling import SamplerConfig
 from .toyworld.reference import REFERENCE_DIR
+from .toyworld.worlds import resolve_model, world_of_dimensions, world_of_reward
 from .training.config import TrainConfig
 from .training.trainer import run_training
 from .utils.atomic import atomic_directory, atomic_write_bytes, is_complete
@@ -73,7 +78,7 @@ RESUMABLE = ("rounds", "train.num_workers", "train.use_gpu", "train.worker_resou
 class EvalConfig:
     """Held-out evaluation: the same prompts and seeds for the reference and every round (paired Δ)."""
 
-    prompts: str = "toy:heldout"  # a .txt / .parquet file or a toy:* source
+    prompts: str = "toy:heldout"  # a .txt / .parquet file or a toy world's split (toy:heldout, toy_video:heldout)
     num_prompts: int = 48  # how many of them (0 = all)
     reward: Any = None  # a reward spec; None = the generation's reward (toy: per-attribute scores too)
     samples: int = 4  # seeds per prompt
@@ -129,7 +134,8 @@ class SelectConfig:
 class RoundsConfig:
     """The online rounds job's config tree: ``generation`` (→ ``sampler``), ``train`` (→ ``objective`` →
     ``safeguard``), ``eval`` (→ ``sampler``). ``model`` is the starting model for all three (their own
-    ``model`` fields are set from it)."""
+    ``model`` fields are set from it): a model folder, or ``<world>:reference`` for a toy world's reference model
+    (``toy_video:reference``; :func:`.toyworld.worlds.resolve_model`)."""
 
     model: str = str(REFERENCE_DIR)
     rounds: int = 3
@@ -145,6 +151,7 @@ class RoundsConfig:
     def __post_init__(self):
         sections(self, reference=ReferenceSchedule, select=SelectConfig, generation=GenerationConfig, train=TrainConfig,
                  eval=EvalConfig)
+        object.__setattr__(self, "model", resolve_model(self.model))  # toy_video:reference → its folder
         absolute_paths(self, "model")
         if self.rounds < 1:
             raise ValueError(f"rounds={self.rounds}: expected >= 1")
@@ -180,10 +187,12 @@ class RoundsConfig:
                        init_optimizer=optimizer, lr=self.train.lr * self.lr_decay**k)
 
 
-def _eval_reward(cfg: RoundsConfig):
-    """None (the toy detector, with its per-attribute scores) or a reward model."""
+def _eval_reward(cfg: RoundsConfig) -> dict:
+    """The evaluation's scorer: ``{"world": name}`` when the reward is a toy world's (its scorer, per dimension;
+    :func:`.toyworld.worlds.world_of_reward`), else ``{"reward": a reward model}``."""
     spec = cfg.eval.reward if cfg.eval.reward is not None else cfg.generation.reward
-    return None if isinstance(spec, dict) and spec.get("name") == "toy" else build_reward(spec)
+    world = world_of_reward(spec)
+    return {"world": world.name} if world is not None else {"reward": build_reward(spec)}
 
 
 def _evaluate_here(cfg: RoundsConfig, weights: str) -> tuple[dict, dict[str, bytes]]:
@@ -195,7 +204,7 @@ def _evaluate_here(cfg: RoundsConfig, weights: str) -> tuple[dict, dict[str, byt
     with tempfile.TemporaryDirectory() as d:
         result, _ = evaluate(backbone, prompts, samples_per_prompt=cfg.eval.samples,
                              sampler=cfg.eval.sampler, grid_path=Path(d) / "grid.png",
-                             samples_path=Path(d) / SAMPLES_FILE, progress=False, reward=_eval_reward(cfg))
+                             samples_path=Path(d) / SAMPLES_FILE, progress=False, **_eval_reward(cfg))
         return result.to_dict(), {f.name: f.read_bytes() for f in Path(d).iterdir() if f.is_file()}
 
 
@@ -210,7 +219,7 @@ def _validation_reward(cfg: RoundsConfig, weights: list[str]) -> list[float]:
     for w in weights:
         backbone = load_backbone(cfg.model, device=device, weights=w, lora_rank=cfg.lora_rank if w else 0)
         result, _ = evaluate(backbone, prompts, samples_per_prompt=cfg.select.samples,
-                             sampler=cfg.generation.sampler, progress=False, reward=_eval_reward(cfg))
+                             sampler=cfg.generation.sampler, progress=False, **_eval_reward(cfg))
         means.append(float(result.reward.mean))
     return means
 
@@ -236,7 +245,7 @@ def select_policy(cfg: RoundsConfig, result, start: str, work: Path, log) -> tup
     t0 = time.time()
     rewards = _validation_reward(cfg, paths)
     best = int(np.argmax(rewards))
-    log(f"select · validation reward per checkpoint: " + ", ".join(f"step {s} {r:.3f}" for s, r in zip(steps, rewards))
+    log("select · validation reward per checkpoint: " + ", ".join(f"step {s} {r:.3f}" for s, r in zip(steps, rewards))
         + f" · step {steps[best]} chosen in {time.time() - t0:.0f}s")
     chosen = paths[best]
     if not chosen:  # the starting model itself: its denoiser's weights as a policy file
@@ -453,6 +462,8 @@ def _write_summary(run_dir: Path, rows: list[dict]) -> None:
     ref = rows[0]
     toy = ref.get("overall") is not None
     attributes = list(dict.fromkeys(a for r in rows for a in (r.get("attributes") or {})))
+    world = world_of_dimensions(attributes) if toy else None  # eval.json files before video: the image world's
+    every = f"all {world.dimension_word if world else 'attributes'}"
     train_cols = [  # (row key, header, legend); a column is shown only when some round logged it
         ("loss", "loss", "the preference loss at the last training report"),
         ("implicit_acc", "impl. acc", "implicit accuracy: share of pairs the policy ranks as the data does "
@@ -467,7 +478,7 @@ def _write_summary(run_dir: Path, rows: list[dict]) -> None:
     if all(r.get("lambda") in (None, 1.0) for r in trained):  # safeguard off: λ ≡ 1 says nothing
         shown = [c for c in shown if c[0] not in ("lambda", "lambda_active_frac")]
     columns = ["round", "reward [95% CI]", "Δ vs ref, paired [95% CI]", "Δ vs previous, paired", "win vs ref [95% CI]"]
-    columns += ["all attributes"] * toy + attributes
+    columns += [every] * toy + attributes
     table_rows = []
     for i, r in enumerate(rows):
         cells = [r["round"], fmt_ci(r["reward"]),
@@ -497,8 +508,9 @@ def _write_summary(run_dir: Path, rows: list[dict]) -> None:
     if record.get("fingerprint"):
         facts.append(f"Config fingerprint `{record['fingerprint']}` (`run_config.json`).")
     if n_prompts:
+        scored = f", scored per dimension by the toy world `{world.name}`" if world else ""
         facts.append(f"Held-out evaluation: {n_prompts} prompts × {n_seeds} seeds, the same seeds for the "
-                     f"reference and every round.")
+                     f"reference and every round{scored}.")
     facts.append(f"Intervals: {describe_ci()}; Δ and win rate are paired per (prompt, seed).")
     head += [" ".join(facts), ""]
     entries = {
@@ -509,7 +521,7 @@ def _write_summary(run_dir: Path, rows: list[dict]) -> None:
                       "count ½), with a bootstrap interval over prompts",
     }
     if toy:
-        entries["all attributes"] = "share of samples with every attribute right (GenEval-strict)"
+        entries[every] = f"share of samples with {world.overall_label if world else 'every attribute right'}"
     for a in attributes:
         entries[a] = f"share of samples with the {a} right" if toy else f"the evaluation's {a!r} score"
     entries["Δ vs previous, paired"] = "the same paired Δ against the previous round (the reference for round 0)"

@@ -1,7 +1,9 @@
-"""Prompt sources: a text file (one prompt a line), a Parquet file (a ``prompt`` column), or the toy world.
+"""Prompt sources: a text file (one prompt a line), a Parquet file (a ``prompt`` column), or a toy world's split.
 
-Every source yields rows ``{"prompt_id": int, "prompt": str}`` with ids in source order, so seeds and
-pair ids derived from them are stable across reruns.
+A toy world's split is ``<world>:<split>`` — ``toy:train``, ``toy_video:heldout``, … — resolved through the world
+registry (:mod:`pipeline.toyworld.worlds`: worlds ``toy`` and ``toy_video``, splits ``train`` = ``fit`` + ``val``,
+``heldout``, ``all``). Every source yields rows ``{"prompt_id": int, "prompt": str}`` with ids in source order, so
+seeds and pair ids derived from them are stable across reruns.
 """
 
 from __future__ import annotations
@@ -11,18 +13,26 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-#: toy:train (168) = toy:fit (144) + toy:val (24, checkpoint selection); toy:heldout (48) is the test split
-TOY_SOURCES = {"toy:train", "toy:fit", "toy:val", "toy:heldout", "toy:all"}
+# toy:train (168) = toy:fit (144) + toy:val (24, checkpoint selection); toy:heldout (48) is the test split. The toy
+# video world: toy_video:train (192) = toy_video:fit (164) + toy_video:val (28); toy_video:heldout (78).
+
+
+def _world_source(source: str):
+    """(world, split) of a ``<world>:<split>`` source, None for anything else (a file); the registry is imported
+    only for a source that looks like one."""
+    name, sep, _ = source.partition(":")
+    if not sep or not name.replace("_", "").isalnum():
+        return None
+    from ..toyworld.worlds import parse_source
+
+    return parse_source(source)
 
 
 def load_prompts(source: str, *, limit: int = 0, repeat: int = 1) -> list[dict]:
     """Read a prompt source; ``limit`` keeps the first N prompts, ``repeat`` cycles the list N times."""
-    if source in TOY_SOURCES:
-        from ..toyworld import all_specs, fit_specs, heldout_specs, train_specs, validation_specs
-
-        specs = {"toy:train": train_specs, "toy:fit": fit_specs, "toy:val": validation_specs,
-                 "toy:heldout": heldout_specs, "toy:all": all_specs}[source]()
-        prompts = [s.text for s in specs]
+    world = _world_source(str(source))
+    if world is not None:
+        prompts = world[0].prompts(world[1])
     else:
         prompts = _read_file(Path(source))
     if limit:
@@ -35,8 +45,10 @@ def load_prompts(source: str, *, limit: int = 0, repeat: int = 1) -> list[dict]:
 
 def _read_file(path: Path) -> list[str]:
     if not path.exists():
+        from ..toyworld.worlds import prompt_sources
+
         raise FileNotFoundError(f"prompt file {path} does not exist (expected a .txt/.parquet file or one of "
-                                f"{sorted(TOY_SOURCES)})")
+                                f"{prompt_sources()})")
     if path.suffix == ".parquet":
         try:
             table = pq.read_table(path)
