@@ -186,3 +186,15 @@ def test_one_video_round_end_to_end(tiny_wan_dir, tmp_path):
         width, height = Image.open(grid).size
         assert height == geo.size[1] and width > geo.size[0], (grid, (width, height), geo)
     assert (run / "final_model" / "model_index.json").is_file()
+
+
+def test_a_video_prompt_limit_spreads_over_the_grammar():
+    """``prompt_limit`` on the video world takes evenly spaced prompts: its grammar order puts one colour first."""
+    from pipeline.data.prompts import load_prompts
+
+    texts = [r["prompt"] for r in load_prompts("toy_video:train", limit=32)]
+    train = [r["prompt"] for r in load_prompts("toy_video:train")]
+    assert len(set(texts)) == 32 and [t for t in train if t in set(texts)] == texts  # a subset, in split order
+    assert {t.split()[1] for t in texts} == {t.split()[1] for t in train}  # every colour …
+    assert {" ".join(t.split()[3:]) for t in texts} == {" ".join(t.split()[3:]) for t in train}  # … and motion
+    assert [r["prompt"] for r in load_prompts("toy:train", limit=3)] == [r["prompt"] for r in load_prompts("toy:train")][:3]

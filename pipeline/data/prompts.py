@@ -29,14 +29,15 @@ def _world_source(source: str):
 
 
 def load_prompts(source: str, *, limit: int = 0, repeat: int = 1) -> list[dict]:
-    """Read a prompt source; ``limit`` keeps the first N prompts, ``repeat`` cycles the list N times."""
+    """Read a prompt source; ``limit`` keeps N prompts (a file's and the image world's first N, the video world's N
+    evenly spaced over its split), ``repeat`` cycles the list N times."""
     world = _world_source(str(source))
     if world is not None:
-        prompts = world[0].prompts(world[1])
+        prompts = world[0].prompts(world[1], limit=limit)  # the video world spreads its N over the grammar
     else:
         prompts = _read_file(Path(source))
-    if limit:
-        prompts = prompts[:limit]
+        if limit:
+            prompts = prompts[:limit]
     if repeat < 1:
         raise ValueError(f"prompts.repeat={repeat}: expected >= 1")
     prompts = prompts * repeat

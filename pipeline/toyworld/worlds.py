@@ -58,6 +58,9 @@ class World:
     reference_attr: str  # "module:ATTRIBUTE" of its reference model folder
     video: bool
     strata: tuple[str, ...]  # spec fields whose combination is what the held-out split holds out (grid subsets)
+    #: how ``limit`` prompts are taken from a split: "first" (the image world: its published results used the
+    #: first N) or "spread" (evenly spaced, so that N prompts cover the grammar rather than its first colour)
+    limit_order: str = "first"
 
     @property
     def module(self):
@@ -80,8 +83,15 @@ class World:
             raise ValueError(f"{self.name}: unknown prompt split {split!r}; expected one of {sorted(SPLITS)}")
         return tuple(getattr(self.module, SPLITS[split])())
 
-    def prompts(self, split: str) -> list[str]:
-        return [s.text for s in self.specs(split)]
+    def prompts(self, split: str, limit: int = 0) -> list[str]:
+        """The split's prompts; ``limit`` > 0 keeps that many (see ``limit_order``), in split order."""
+        texts = [s.text for s in self.specs(split)]
+        if not limit or limit >= len(texts):
+            return texts
+        if self.limit_order == "first":
+            return texts[:limit]
+        keep = np.unique(np.floor(np.arange(limit) * len(texts) / limit).astype(int))
+        return [texts[i] for i in keep]
 
     def as_spec(self, prompt: Any):
         """The structured spec of a prompt of this world (raises ValueError for any other prompt)."""
@@ -102,7 +112,7 @@ WORLDS: dict[str, World] = {
                        dimension_word="dimensions",
                        overall_label="every dimension right (colour, shape, count, motion and temporal consistency)",
                        reward="toy_video", reference_attr="pipeline.toyworld.video.reference:VIDEO_REFERENCE_DIR",
-                       video=True, strata=("colour", "shape")),
+                       video=True, strata=("colour", "shape"), limit_order="spread"),
 }
 
 
