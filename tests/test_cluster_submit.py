@@ -109,6 +109,7 @@ def test_main_job_runs_via_ray_job_submit(ray_cluster, tiny_toy_model_dir, tmp_p
         "generation": {"strategy": "ddspo-paired", "prompt_limit": 8, "batch_size": 8,
                        "sampler": {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}},
         "train": {"objective": "ddspo", "lr": 1e-3, "max_steps": 2, "batch_size": 4, "checkpoint_every": 1},
+        "select": {"name": "validation", "num_prompts": 2, "samples": 1},  # the start (the base model) competes too
     }))
     run = tmp_path / "run"
     job_id = f"test_submit_{uuid.uuid4().hex[:8]}"
@@ -128,10 +129,7 @@ def test_main_job_runs_via_ray_job_submit(ray_cluster, tiny_toy_model_dir, tmp_p
     assert status.returncode == 0 and f"Job '{job_id}' succeeded" in status.stdout, status.stdout + status.stderr
     assert "done in" in output  # the job's own last line, streamed back by the client
 
-    for f in ("summary.md", "reward.png", "round_0/_COMPLETE", "round_0/grid.png", "final_model"):
-        assert (run / f).exists(), f"{f} missing; job output:\n{output[-4000:]}"
-    assert (run / "final_model").is_dir() and any((run / "final_model").iterdir())
-    assert "| round 0 |" in (run / "summary.md").read_text()
+    check_one_round(run, config, output)
 
     # the working dir the cluster unpacked: the repo's code, without what .gitignore lists
     unpacked = [p for p in (temp_dir / "session_latest" / "runtime_resources" / "working_dir_files").iterdir() if p.is_dir()]
@@ -139,3 +137,48 @@ def test_main_job_runs_via_ray_job_submit(ray_cluster, tiny_toy_model_dir, tmp_p
     assert (unpacked[0] / "jobs" / "iterative_sipo.py").is_file() and (unpacked[0] / "pipeline" / "rounds.py").is_file()
     for ignored in (".venv", "runs", "diffusion_preference_pipeline.egg-info", ".git"):
         assert not (unpacked[0] / ignored).exists(), f"{ignored} was uploaded with the working dir"
+
+
+def check_one_round(run: Path, config: Path, output: str) -> None:
+    """Everything one round of the main job writes, and what a rerun does: skip a finished round, refuse another
+    config naming its dotted fields. (The one full run of the round loop with a plain config; tests/test_rounds.py
+    covers the loop's options on in-process runs.)"""
+    import json
+
+    from pipeline.backbones import load_backbone
+    from pipeline.cli import resolve
+    from pipeline.rounds import RoundsConfig, run_rounds
+    from pipeline.utils.run_record import ConfigMismatch
+
+    for f in ("summary.md", "summary.json", "reward.png", "curves.png", "round_0/_COMPLETE", "round_0/grid.png",
+              "final_model"):
+        assert (run / f).exists(), f"{f} missing; job output:\n{output[-4000:]}"
+    assert not (run / ".round_0.work").exists()
+    assert "| round 0 |" in (run / "summary.md").read_text()
+    rows = json.loads((run / "summary.json").read_text())
+    assert [r["round"] for r in rows] == ["reference", "round 0"]
+    assert 0.0 <= rows[1]["win_rate_vs_ref"] <= 1.0
+    assert rows[0]["delta_vs_ref"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert rows[1]["delta_vs_ref"]["ci_low"] <= rows[1]["delta_vs_ref"]["mean"] <= rows[1]["delta_vs_ref"]["ci_high"]
+    metrics = json.loads((run / "round_0" / "train_metrics.json").read_text())
+    assert metrics["last"]["step"] == 2 and len(metrics["history"]) == 2
+    selection = metrics["selection"]  # checkpoint selection on validation prompts, the starting model included
+    assert [v["step"] for v in selection["validation"]] == [0, 1, 2]
+    assert selection["selected_step"] == max(selection["validation"], key=lambda v: v["reward"])["step"]
+    assert "select · validation reward" in output
+    assert load_backbone(run / "final_model").latent_shape() == (3, 32, 32)  # the exported policy loads like any model
+    record = json.loads((run / "run_config.json").read_text())
+    assert record["job"] == "iterative_sipo" and record["config"]["train"]["lr"] == 1e-3
+
+    sys.path.insert(0, str(REPO / "jobs"))
+    import iterative_sipo
+
+    cfg = resolve(iterative_sipo.parse_args(["--config", str(config)]), RoundsConfig)
+    logs: list[str] = []
+    run_rounds(cfg, run, log=logs.append)  # a finished round is skipped: nothing runs, so no Ray is needed
+    assert logs == ["round 0: complete, skipped"]
+    from dataclasses import replace
+
+    # more rounds may be asked for; anything else is refused, naming the dotted fields
+    with pytest.raises(ConfigMismatch, match=r"eval\.num_prompts: 3 -> 5; train\.lr: 0\.001 -> 0\.0001"):
+        run_rounds(replace(cfg, train=replace(cfg.train, lr=1e-4), eval=replace(cfg.eval, num_prompts=5)), run)

@@ -7,17 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from console_checks import ray_lines
 from pipeline.utils.progress import Stage, bar, duration, tail_training
 
 ROOT = Path(__file__).resolve().parents[1]
-
-#: What Ray Data and Ray Train/Tune print when left alone (operator status blocks, progress bars, banners).
-RAY_NOISE = ("Running Dataset", "Operator", "Total Progress", "logging_progress", "streaming_executor", "✔️",
-             "[dataset]", "Execution plan", "Starting execution", "Data sink", "Started a local Ray instance",
-             "Token authentication", "Progress bars", "Trial status", "Loading weights")
-#: Ray core prints this from C++ when Ray Data creates an actor pool (ray-project/ray#57733); no switch hides it
-#: short of dropping the driver's C++ errors altogether.
-RAY_CORE_NOTICE = "has constructor arguments in the object store"
 
 
 def test_duration():
@@ -76,24 +69,13 @@ def _run(args: list[str], timeout: int = 600) -> list[str]:
     return output.rstrip("\n").split("\n")  # not splitlines(): a carriage return (a redrawn bar) stays in its line
 
 
-def _ray_lines(lines: list[str]) -> list[str]:
-    return [line for line in lines if any(n in line for n in RAY_NOISE) or "\r" in line
-            or ("MapBatches" in line and RAY_CORE_NOTICE not in line)]
-
-
 @pytest.mark.slow
-def test_jobs_print_their_own_progress_and_not_rays(tmp_path):
-    pairs, out = tmp_path / "pairs", tmp_path / "train"
-    gen = _run(["jobs/generate_pairs.py", "--out", str(pairs), "--num-cpus", "2",
-                "--set", "prompt_limit=8", "samples_per_prompt=2", "sampler.num_steps=2"])
-    assert not _ray_lines(gen), gen
-    assert any("round 0 · generate · 8 prompts × 2 samples = 16 rollouts" in line for line in gen), gen
-    assert any("round 0 · generate · 16/16 rollouts" in line and "done in" in line for line in gen), gen
-    assert len([line for line in gen if RAY_CORE_NOTICE in line]) <= 1, gen
-
-    train = _run(["jobs/train.py", "--pairs", str(pairs), "--out", str(out), "--num-cpus", "2",
-                  "--set", "max_steps=4", "log_every=2", "batch_size=2"])
-    assert not _ray_lines(train), train
+def test_the_train_job_prints_its_own_step_lines_and_not_rays(tiny_pairs_dataset, tiny_toy_model_dir, tmp_path):
+    """(The generation job's console is checked on the offline run: tests/test_offline.py.)"""
+    out = tmp_path / "train"
+    train = _run(["jobs/train.py", "--pairs", str(tiny_pairs_dataset), "--out", str(out), "--num-cpus", "2",
+                  "--set", f"model={tiny_toy_model_dir}", "max_steps=4", "log_every=2", "batch_size=2"])
+    assert not ray_lines(train), train
     steps = [line for line in train if "train · step " in line]
     assert [line.split("train · ")[1].split(" · ")[0] for line in steps] == ["step 2/4", "step 4/4"], train
     assert all(" · loss " in line and " pairs/s" in line for line in steps), train

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from console_checks import check_generation_console
 from pipeline.rewards import build_reward
 from pipeline.rewards.base import RewardModelError
 from pipeline.rewards.hps import hub_references
@@ -123,6 +124,7 @@ def test_a_job_runs_with_no_network_and_every_worker_is_offline(tmp_path):
     output = (run.stdout + run.stderr)[-6000:]
     assert run.returncode == 0, output
     assert "pairs from" in run.stdout and (out / "manifest.json").is_file(), output
+    check_generation_console(run.stdout + run.stderr, prompts=4, samples=2)  # and its console is the job's own
 
     records = _records(probe)
     driver_start = [r for r in records if r["file"].endswith(".start.json") and r["argv"][0].endswith("generate_pairs.py")]

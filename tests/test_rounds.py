@@ -1,4 +1,5 @@
-"""The online round loop end to end on a tiny model: outputs, the per-round table, skip-on-rerun, export."""
+"""The online round loop on a tiny model: LoRA rounds, reference schedules, selection, config errors (the plain
+one-round run, its outputs and skip-on-rerun: tests/test_cluster_submit.py)."""
 
 import json
 import sys
@@ -17,53 +18,13 @@ import iterative_sipo  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def test_one_round_writes_everything_and_reruns_skip(tiny_toy_model_dir, tmp_path, monkeypatch):
-    ray.init(num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-    # a model path relative to the driver's working directory: Ray's workers and actors run elsewhere, so the config
-    # holds it absolute from the start
+def test_a_relative_model_path_is_made_absolute(tiny_toy_model_dir, monkeypatch):
+    """Ray's workers and actors run in another directory, so a model path relative to the driver's working directory
+    is held absolute from the start, in every section. (The one-round run itself, its outputs and its rerun are
+    checked on the main job submitted to a cluster: tests/test_cluster_submit.py.)"""
     monkeypatch.chdir(tiny_toy_model_dir.parent)
-    cfg = RoundsConfig(
-        model=tiny_toy_model_dir.name, rounds=1,
-        eval={"num_prompts": 3, "samples": 2, "sampler": {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 16}},
-        generation={"strategy": "ddspo-paired", "prompt_limit": 8, "batch_size": 8,
-                    "sampler": {"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}},
-        train={"objective": {"name": "ddspo"}, "lr": 1e-3, "max_steps": 2, "batch_size": 4, "checkpoint_every": 1},
-        select={"name": "validation", "num_prompts": 2, "samples": 1},  # the start (the base model) competes too
-    )
+    cfg = RoundsConfig(model=tiny_toy_model_dir.name, rounds=1)
     assert cfg.model == cfg.train.model == cfg.generation.model == str(tiny_toy_model_dir.absolute())
-    logs: list[str] = []
-    rows = run_rounds(cfg, tmp_path / "run", log=logs.append)
-    selection = json.loads((tmp_path / "run" / "round_0" / "train_metrics.json").read_text())["selection"]
-    assert [v["step"] for v in selection["validation"]] == [0, 1, 2]
-    best = max(selection["validation"], key=lambda v: v["reward"])["step"]
-    assert selection["selected_step"] == best and any(line.startswith("select · validation reward") for line in logs)
-    run = tmp_path / "run"
-    assert [r["round"] for r in rows] == ["reference", "round 0"]
-    for f in ("summary.md", "summary.json", "reward.png", "curves.png"):
-        assert (run / f).exists(), f
-    assert (run / "round_0" / "_COMPLETE").exists() and (run / "round_0" / "grid.png").exists()
-    assert not (run / ".round_0.work").exists()
-    metrics = json.loads((run / "round_0" / "train_metrics.json").read_text())
-    assert metrics["last"]["step"] == 2 and len(metrics["history"]) == 2
-    assert "| round 0 |" in (run / "summary.md").read_text()
-    assert 0.0 <= rows[1]["win_rate_vs_ref"] <= 1.0
-    assert rows[0]["delta_vs_ref"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}
-    assert rows[1]["delta_vs_ref"]["ci_low"] <= rows[1]["delta_vs_ref"]["mean"] <= rows[1]["delta_vs_ref"]["ci_high"]
-    final = load_backbone(run / "final_model")  # the exported policy loads like any model folder
-    assert final.latent_shape() == (3, 32, 32)
-    logs.clear()
-    run_rounds(cfg, run, log=logs.append)
-    assert logs == ["round 0: complete, skipped"]
-    record = json.loads((run / "run_config.json").read_text())
-    assert record["job"] == "iterative_sipo" and record["config"]["train"]["lr"] == 1e-3
-    # more rounds may be asked for; anything else is refused, naming the dotted fields
-    from dataclasses import replace
-
-    from pipeline.utils.run_record import ConfigMismatch
-
-    with pytest.raises(ConfigMismatch, match=r"eval\.num_prompts: 3 -> 5; train\.lr: 0\.001 -> 0\.0001"):
-        run_rounds(replace(cfg, train=replace(cfg.train, lr=1e-4), eval=replace(cfg.eval, num_prompts=5)), run)
-    ray.shutdown()
 
 
 def _build(*argv):
