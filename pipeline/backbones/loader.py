@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -9,29 +10,32 @@ import torch
 from safetensors.torch import load_file
 
 from .base import Backbone
-from .cogvideox import CogVideoXBackbone
-from .sd3 import SD3Backbone
-from .sdxl import SDXLBackbone
-from .unet import UNetBackbone, check_model_folder
+from .unet import check_model_folder
 from .video import VideoBackbone
-from .wan import WanBackbone
 
-#: diffusers pipeline class names (model_index.json "_class_name") → backbone class
-PIPELINE_CLASSES: dict[str, type[Backbone]] = {
-    "StableDiffusionPipeline": UNetBackbone,
-    "ToyWorldReference": UNetBackbone,
-    "StableDiffusionXLPipeline": SDXLBackbone,
-    "StableDiffusion3Pipeline": SD3Backbone,
-    "WanPipeline": WanBackbone,
-    "CogVideoXPipeline": CogVideoXBackbone,
+#: diffusers pipeline class names (model_index.json "_class_name") → the backbone class ("module:Class", imported
+#: when a folder names it: every Ray worker imports this package, and the video families pull in diffusers'
+#: video pipelines and their text encoders)
+PIPELINE_CLASSES: dict[str, str] = {
+    "StableDiffusionPipeline": "unet:UNetBackbone",
+    "ToyWorldReference": "unet:UNetBackbone",
+    "StableDiffusionXLPipeline": "sdxl:SDXLBackbone",
+    "StableDiffusion3Pipeline": "sd3:SD3Backbone",
+    "WanPipeline": "wan:WanBackbone",
+    "CogVideoXPipeline": "cogvideox:CogVideoXBackbone",
 }
 
 #: transformer ``_class_name`` → backbone class, for folders without ``model_index.json``
-TRANSFORMER_CLASSES: dict[str, type[Backbone]] = {
-    "SD3Transformer2DModel": SD3Backbone,
-    "WanTransformer3DModel": WanBackbone,
-    "CogVideoXTransformer3DModel": CogVideoXBackbone,
+TRANSFORMER_CLASSES: dict[str, str] = {
+    "SD3Transformer2DModel": "sd3:SD3Backbone",
+    "WanTransformer3DModel": "wan:WanBackbone",
+    "CogVideoXTransformer3DModel": "cogvideox:CogVideoXBackbone",
 }
+
+
+def _class(spec: str) -> type[Backbone]:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(f".{module}", __package__), name)
 
 
 def backbone_class(path: str | Path) -> type[Backbone]:
@@ -43,15 +47,15 @@ def backbone_class(path: str | Path) -> type[Backbone]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{index} is not valid JSON: {err}") from err
         if name in PIPELINE_CLASSES:
-            return PIPELINE_CLASSES[name]
+            return _class(PIPELINE_CLASSES[name])
         raise ValueError(f"{index}: pipeline class {name!r} is not supported; expected one of {sorted(PIPELINE_CLASSES)}")
     if (path / "transformer").is_dir():
         config = path / "transformer" / "config.json"
         name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
-        return TRANSFORMER_CLASSES.get(name, SD3Backbone)
+        return _class(TRANSFORMER_CLASSES.get(name, "sd3:SD3Backbone"))
     if (path / "text_encoder_2").is_dir():
-        return SDXLBackbone
-    return UNetBackbone
+        return _class("sdxl:SDXLBackbone")
+    return _class("unet:UNetBackbone")
 
 
 def load_backbone(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
