@@ -1,6 +1,8 @@
-"""The Ray Data pipeline end to end under a local Ray instance: every strategy, reruns, crashes, bad inputs."""
+"""The Ray Data pipeline end to end under a local Ray instance: every strategy, reruns, crashes, bad inputs, and
+autoscaling actor pools with an object-store budget (the same pairs as fixed pools)."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 import ray
 
 from pipeline.data.generate import GenerationConfig, generate
-from pipeline.data.schema import latents_of, read_pairs
+from pipeline.data.schema import MANIFEST, latents_of, read_pairs
 from pipeline.toyworld import train_specs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
@@ -24,15 +26,18 @@ def local_ray():
 
 
 def small(model_dir, **kw):
+    # sampler.batch_size 1: every sample is computed alone, so its floats do not depend on which rows Ray Data
+    # bundles into a batch (the pool bounds change the blocks, hence the bundling; batched CPU kernels then differ
+    # in the last bits, ~1e-7) and runs with other pools can be compared bit for bit
     base = dict(model=str(model_dir), prompt_limit=6, samples_per_prompt=3, batch_size=8, group_size=3,
-                sampler={"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8})
+                sampler={"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 1})
     return GenerationConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def generated(tiny_toy_model_dir, tmp_path_factory):
     """``get(strategy)``: (manifest, output folder) of ``small(strategy=strategy)``, generated once for the module;
-    the tests that share an output only read it or rerun its own config into it (a no-op they check)."""
+    the tests that share an output only read it or rerun a config of the same pairs into it (a no-op they check)."""
     done = {}
 
     def get(strategy: str):
@@ -42,6 +47,20 @@ def generated(tiny_toy_model_dir, tmp_path_factory):
         return done[strategy]
 
     return get
+
+
+# On-policy (both pools in use) with pools that may grow from one to two actors each and a 1 MiB object-store
+# budget (smaller than a batch's outputs: Ray Data must still make progress): not part of the dataset's identity.
+POOLS = dict(generation_pool={"min_size": 1, "max_size": 2}, reward_pool={"min_size": 1, "max_size": 2},
+             object_store_mb=1)
+
+
+@pytest.fixture(scope="module")
+def rescaled(tiny_toy_model_dir, tmp_path_factory):
+    """(manifest, output folder) of the shared on-policy config run again in a fresh folder with ``POOLS``: the
+    rerun-determinism and the pools tests share this one run (a generation costs 25–45 s on 2 CPUs)."""
+    out = tmp_path_factory.mktemp("rescaled") / "out"
+    return generate(small(tiny_toy_model_dir, strategy="onpolicy", **POOLS), out), out
 
 
 @pytest.mark.parametrize("strategy", ["onpolicy", "ddspo-paired", "rand-positive", "not-paired"])
@@ -70,21 +89,52 @@ def test_every_strategy_writes_valid_pairs(strategy, generated):
         assert all(set(r["perturbed_prompt"].split()) < set(r["prompt"].split()) for r in rows)
 
 
-def test_rerun_is_idempotent_and_deterministic(tiny_toy_model_dir, generated, tmp_path):
+def test_rerun_is_idempotent_and_deterministic(tiny_toy_model_dir, generated, rescaled):
     cfg = small(tiny_toy_model_dir, strategy="onpolicy")
     first, a = generated("onpolicy")  # a finished run of this config (shared with the strategy test)
     assert not first["skipped"]
     files = {p.name: p.read_bytes() for p in (a / "pairs").iterdir()}
     again = generate(cfg, a)
     assert again["skipped"] and {p.name: p.read_bytes() for p in (a / "pairs").iterdir()} == files
-    other = generate(cfg, tmp_path / "b")  # a fresh run elsewhere reproduces the same pairs
-    ta, tb = read_pairs(a / "pairs"), read_pairs(tmp_path / "b" / "pairs")
+    other, b = rescaled  # a fresh run elsewhere (with other pools: the next test) reproduces the same pairs
+    ta, tb = read_pairs(a / "pairs"), read_pairs(b / "pairs")
     assert ta.column("pair_id").to_pylist() == tb.column("pair_id").to_pylist()
     assert np.array_equal(latents_of(ta, "latent_w"), latents_of(tb, "latent_w"))
-    assert first["num_pairs"] == other["num_pairs"]
+    assert not other["skipped"] and first["num_pairs"] == other["num_pairs"]
     with pytest.raises(FileExistsError, match="another config"):
         generate(small(tiny_toy_model_dir, seed=1), a)
     assert {p.name: p.read_bytes() for p in (a / "pairs").iterdir()} == files  # refused: left as it was
+
+
+def test_autoscaling_pools_and_a_budget_make_the_same_pairs(tiny_toy_model_dir, generated, rescaled, tmp_path):
+    """On-policy (both pools in use): fixed pools of one actor each, and pools that may grow to two actors each under
+    a 1 MiB object-store budget, write the same pairs bit for bit; each config finds the other's dataset as its own,
+    and so does a dataset recorded when ``num_actors`` was part of the identity."""
+    fixed, a = generated("onpolicy")
+    scaled, b = rescaled
+    assert fixed["num_pairs"] == scaled["num_pairs"] > 0 and fixed["fingerprint"] == scaled["fingerprint"]
+    assert scaled["config"]["generation_pool"] == {"min_size": 1, "max_size": 2} and scaled["config"]["object_store_mb"] == 1
+    ta, tb = read_pairs(a / "pairs"), read_pairs(b / "pairs")
+    assert ta.column("pair_id").to_pylist() == tb.column("pair_id").to_pylist()
+    for column in ("reward_w", "reward_l", "seed_w", "seed_l", "png_w", "png_l"):
+        assert ta.column(column).to_pylist() == tb.column(column).to_pylist(), column
+    for column in ("latent_w", "latent_l"):
+        assert np.array_equal(latents_of(ta, column), latents_of(tb, column)), column
+    config = small(tiny_toy_model_dir, strategy="onpolicy")
+    assert generate(small(tiny_toy_model_dir, strategy="onpolicy", **POOLS), a)["skipped"]  # reused, not refused
+    assert generate(config, b)["skipped"]
+
+    # a dataset made when num_actors was part of the identity (no pool fields): its recorded config still matches
+    legacy = tmp_path / "legacy"
+    shutil.copytree(a, legacy)  # the shared output stays as it was
+    manifest = json.loads((legacy / MANIFEST).read_text())
+    for name in ("generation_pool", "reward_pool", "object_store_mb"):
+        del manifest["config"][name]
+    manifest.update(fingerprint="0123456789abcdef", config={**manifest["config"], "num_actors": 2})
+    (legacy / MANIFEST).write_text(json.dumps(manifest))
+    assert generate(config, legacy)["skipped"]
+    with pytest.raises(FileExistsError, match="samples_per_prompt"):
+        generate(small(tiny_toy_model_dir, strategy="onpolicy", samples_per_prompt=4), legacy)
 
 
 def test_a_crash_leaves_nothing_a_rerun_would_trust(tiny_toy_model_dir, tmp_path):
