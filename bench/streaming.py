@@ -64,9 +64,13 @@ def write_pairs(folder: Path, n: int, seed: int = 0, rows_per_file: int = 512) -
 
 
 def _plasma_bytes() -> int:
+    """Bytes in this run's object store. Its own GCS address: without one, Ray's memory summary fails when other
+    Ray instances run on the machine (and the sampler below would read 0)."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    m = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+    m = re.search(r"Plasma memory usage (\d+) MiB", summary)
     return int(m.group(1)) << 20 if m else 0
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 #: fields that may change between reruns on the same storage (resume, extend, rescale)
 RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.log_every", "train.num_workers",
                      "train.use_gpu", "train.worker_resources", "train.worker_labels", "train.torch_threads",
-                     "train.report_to", "train.mlflow_uri")
+                     "train.report_to", "train.mlflow_uri", "train.async_checkpoint_upload")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

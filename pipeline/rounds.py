@@ -71,7 +71,7 @@ REFERENCE_FILE = "reference.safetensors"  # the round's reference weights (refer
 #: fields a rerun into the same run directory may change: run more rounds, or the same work on other resources
 RESUMABLE = ("rounds", "train.num_workers", "train.use_gpu", "train.worker_resources", "train.worker_labels",
              "generation.actor_resources", "generation.actor_labels", "train.torch_threads", "train.log_every",
-             "train.report_to", "train.mlflow_uri")
+             "train.report_to", "train.mlflow_uri", "train.async_checkpoint_upload")
 
 
 @dataclass(frozen=True)

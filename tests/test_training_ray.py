@@ -90,7 +90,8 @@ def test_two_workers_stream_shard_and_resume_onto_other_worker_counts(tiny_pairs
                                                                      tiny_toy_model_dir, tmp_path):
     """FSDP2 over two workers streaming their splits of the Parquet files; each rank writes its own checkpoint
     shards; the run then resumes onto one worker (2 → 1) and back onto two (1 → 2), the step count, the history
-    and AdamW's state continuing where they stopped."""
+    and AdamW's state continuing where they stopped; the last run uploads its checkpoints asynchronously (Ray Train's
+    background upload) and its result is the same complete checkpoint."""
     # the exact (parameter-space) SDPO λ takes gradients of sharded (DTensor) parameters
     cfg = dict(stream_pairs=True, log_every=1,
                objective={"name": "sipo", "safeguard": {"mu": 0.0, "space": "parameter"}})
@@ -110,8 +111,9 @@ def test_two_workers_stream_shard_and_resume_onto_other_worker_counts(tiny_pairs
             return {float(s["step"]) for s in load_full(d, {"optim"})["optim"]["state"].values()}
 
     assert adam_steps(first) == {2.0}
-    for workers, steps in ((1, 4), (2, 6)):
-        resumed = run_training(tiny_train_config(**cfg, num_workers=workers, max_steps=steps), tiny_pairs, tmp_path, "run")
+    for workers, steps, upload in ((1, 4, False), (2, 6, True)):  # the last one uploads its checkpoints asynchronously
+        resumed = run_training(tiny_train_config(**cfg, num_workers=workers, max_steps=steps,
+                                                 async_checkpoint_upload=upload), tiny_pairs, tmp_path, "run")
         assert resumed.metrics["step"] == steps and resumed.metrics["resumed_from_step"] == steps - 2
         assert adam_steps(resumed) == {float(steps)}  # the moments were loaded (resharded), not restarted
         with resumed.checkpoint.as_directory() as d:

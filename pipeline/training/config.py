@@ -110,6 +110,9 @@ class TrainConfig:
     report_to: tuple[Literal["tensorboard", "mlflow", "wandb"], ...] = ("tensorboard",)  # where the metrics go
     mlflow_uri: str = ""  # MLflow tracking URI ("" = a local file store in the run's tensorboard/mlruns)
     checkpoint_every: int = 25
+    # copy each checkpoint's shards to storage in the background (Ray Train's asynchronous upload) while training
+    # goes on, instead of waiting for the copy at every checkpoint; the shards are written locally first
+    async_checkpoint_upload: bool = False
     # False: every worker holds the whole pairs table (exact resume, the same order as in-process); True: each
     # worker streams its split of the Parquet files epoch by epoch (tables larger than a worker's memory)
     stream_pairs: bool = False

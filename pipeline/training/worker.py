@@ -58,6 +58,12 @@ def train_loop_per_worker(config: dict) -> None:
                 load_checkpoint(engine, d, data)
 
         def report_checkpoint(metrics: dict) -> None:
+            if cfg.async_checkpoint_upload:  # Ray Train uploads in the background and then deletes the folder
+                d = tempfile.mkdtemp(prefix="checkpoint-")
+                save_checkpoint(engine, d, metrics)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+                return
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(engine, d, metrics)  # every rank writes its own shards (a collective)
                 # every rank reports its folder: Ray Train merges them into one checkpoint in storage
