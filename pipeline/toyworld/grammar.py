@@ -13,6 +13,7 @@ position still occurs in training: a test of compositional generalisation.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -50,6 +51,20 @@ HELDOUT_SEED = 0
 HELDOUT_NUM_PAIRS = 4
 
 
+def check_spec(spec, **domains) -> None:
+    """Validate a spec dataclass: each named attribute in its domain (a bool is not a count); ints normalised."""
+    problems = []
+    for name, allowed in domains.items():
+        value = getattr(spec, name)
+        if value not in allowed or isinstance(value, bool):
+            shown = sorted(allowed) if name == "colour" else list(allowed)
+            problems.append(f"{name} {value!r} not in {shown}")
+    if problems:
+        raise ValueError(f"invalid {type(spec).__name__}: " + "; ".join(problems))
+    if "count" in domains:
+        object.__setattr__(spec, "count", int(spec.count))  # numpy ints -> int
+
+
 @dataclass(frozen=True, order=True)
 class PromptSpec:
     """One prompt in structured form; validated on construction."""
@@ -60,18 +75,7 @@ class PromptSpec:
     position: str
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.colour not in COLOURS:
-            problems.append(f"colour {self.colour!r} not in {sorted(COLOURS)}")
-        if self.shape not in SHAPES:
-            problems.append(f"shape {self.shape!r} not in {list(SHAPES)}")
-        if self.count not in COUNTS or isinstance(self.count, bool):
-            problems.append(f"count {self.count!r} not in {list(COUNTS)}")
-        if self.position not in POSITIONS:
-            problems.append(f"position {self.position!r} not in {list(POSITIONS)}")
-        if problems:
-            raise ValueError("invalid PromptSpec: " + "; ".join(problems))
-        object.__setattr__(self, "count", int(self.count))  # numpy ints -> int
+        check_spec(self, colour=COLOURS, shape=SHAPES, count=COUNTS, position=POSITIONS)
 
     @property
     def text(self) -> str:
@@ -81,10 +85,7 @@ class PromptSpec:
 
     def replace(self, **changes: object) -> "PromptSpec":
         """A copy with some attributes changed (validated)."""
-        fields = {"colour": self.colour, "shape": self.shape, "count": self.count,
-                  "position": self.position}
-        fields.update(changes)
-        return PromptSpec(**fields)  # type: ignore[arg-type]
+        return dataclasses.replace(self, **changes)
 
     def __str__(self) -> str:
         return self.text

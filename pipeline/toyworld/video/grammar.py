@@ -16,13 +16,14 @@ colour, shape, count and motion still occurs in training. ``validation_specs`` i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import product
 
 import numpy as np
 
-from ..grammar import (_WORD_TO_COUNT, COLOURS, COUNT_WORDS, COUNTS, HELDOUT_SEED, SHAPES,
+from ..grammar import (_WORD_TO_COUNT, COLOURS, COUNT_WORDS, COUNTS, HELDOUT_SEED, SHAPES, check_spec,
                        VALIDATION_EVERY, _stable_hash, heldout_pairs)
 
 #: the four directions of motion, then the absence of motion
@@ -54,18 +55,7 @@ class VideoSpec:
     motion: str
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.colour not in COLOURS:
-            problems.append(f"colour {self.colour!r} not in {sorted(COLOURS)}")
-        if self.shape not in SHAPES:
-            problems.append(f"shape {self.shape!r} not in {list(SHAPES)}")
-        if self.count not in COUNTS or isinstance(self.count, bool):
-            problems.append(f"count {self.count!r} not in {list(COUNTS)}")
-        if self.motion not in MOTIONS:
-            problems.append(f"motion {self.motion!r} not in {list(MOTIONS)}")
-        if problems:
-            raise ValueError("invalid VideoSpec: " + "; ".join(problems))
-        object.__setattr__(self, "count", int(self.count))  # numpy ints -> int
+        check_spec(self, colour=COLOURS, shape=SHAPES, count=COUNTS, motion=MOTIONS)
 
     @property
     def text(self) -> str:
@@ -75,9 +65,7 @@ class VideoSpec:
 
     def replace(self, **changes: object) -> "VideoSpec":
         """A copy with some attributes changed (validated)."""
-        fields = {"colour": self.colour, "shape": self.shape, "count": self.count, "motion": self.motion}
-        fields.update(changes)
-        return VideoSpec(**fields)  # type: ignore[arg-type]
+        return dataclasses.replace(self, **changes)
 
     def __str__(self) -> str:
         return self.text
