@@ -103,7 +103,7 @@ FULL = Budget()
 QUICK = Budget(fit_prompts=6, samples_per_prompt=2, rollout_steps=2, min_reward_gap=0.0, steps=2, batch_size=2,
                betas={"diffusion-dpo": (1000.0, 20000.0), "dpo-cm": (1000.0, 20000.0), "sipo": (1000.0, 20000.0),
                       "dmpo": (1000.0, 20000.0), "dspo": (0.001, 0.1), "ddspo": (5000.0, 16000.0)},
-               sweep_seeds=(100,), val_prompts=3, seeds=(0, 1), eval_prompts=3, eval_samples=1, eval_steps=2,
+               sweep_seeds=(100,), val_prompts=3, seeds=(0,), eval_prompts=3, eval_samples=1, eval_steps=2,
                aggressive_steps=3, online_rounds=1, online_seeds=(0,), online_prompts=4, online_steps=2,
                online_eval_samples=1, gen_batch=8, gen_actors=1)
 
