@@ -9,7 +9,7 @@ A genuine Wan-class folder in pixel space (``model_index.json``: ``_class_name``
   ``PreTrainedTokenizerFast``;
 * text encoder — a 2-layer, 64-wide ``CLIPTextModel`` (``WanBackbone`` loads it by its ``model_type``; it runs it
   with the attention mask and zeroes the padded positions, as ``WanPipeline`` does with UMT5);
-* denoiser — a small ``WanTransformer3DModel`` (4 blocks of width 64) on 8 × 32 × 32 RGB clips with patch size
+* denoiser — a small ``WanTransformer3DModel`` (4 blocks of width 128) on 8 × 32 × 32 RGB clips with patch size
   (2, 4, 4) — 4 × 8 × 8 = 256 tokens, each two frames of a 4 × 4 patch — 3-D RoPE over (frame, row, column), text
   cross-attention in every block; sized by measured step time on the 2-core machine (docs/toyworld.md);
 * scheduler — ``FlowMatchEulerDiscreteScheduler`` (rectified flow, velocity ``ε − x0``; Wan's parameterization),
@@ -41,7 +41,7 @@ TEXT_LENGTH = 8  # <bos> + 5 words + <eos>, one to spare
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 PATCH_SIZE = (2, 4, 4)
 #: the denoiser's size (measured on the 2-core machine; docs/toyworld.md "Video world")
-TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=32, num_layers=4, ffn_dim=256, freq_dim=64)
+TRANSFORMER = dict(num_attention_heads=4, attention_head_dim=32, num_layers=4, ffn_dim=512, freq_dim=64)
 TEXT_WIDTH = 64
 FLOW_SHIFT = 1.0
 
