@@ -33,18 +33,20 @@ TEXT_LENGTH = 10  # <bos> + 6 words + <eos>, with room for a longer rewrite
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 
 
-def vocabulary() -> list[str]:
-    """Every word the grammar can produce, in a fixed order (ids are part of the shipped weights)."""
+def vocabulary(phrases: dict[str, str] = POSITION_PHRASES) -> list[str]:
+    """Every word the grammar can produce, in a fixed order (ids are part of the shipped weights); ``phrases``: the
+    last attribute's phrases (the video world passes its motions)."""
     words = ["one", *COUNT_WORDS.values(), *COLOURS]
     for shape in SHAPES:
         words += [shape, shape + "s"]
-    for phrase in POSITION_PHRASES.values():
+    for phrase in phrases.values():
         words += phrase.split()
     return list(SPECIAL_TOKENS) + list(dict.fromkeys(words))
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+def build_tokenizer(words: list[str] | None = None, max_length: int = TEXT_LENGTH) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``words`` (default: this world's :func:`vocabulary`)."""
+    vocab = {w: i for i, w in enumerate(words or vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
@@ -52,7 +54,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        model_max_length=TEXT_LENGTH,
+        model_max_length=max_length,
     )
 
 

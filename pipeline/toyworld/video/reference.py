@@ -25,10 +25,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from ..grammar import COLOURS, COUNT_WORDS, SHAPES
+from .. import reference as image_reference
 from .grammar import MOTION_PHRASES
 from .renderer import FRAMES
 
@@ -38,7 +37,6 @@ IMAGE_SIZE = 32
 #: (frames, height, width) the reference generates and trains at (``_video_size`` in its model_index.json)
 VIDEO_SIZE = (FRAMES, IMAGE_SIZE, IMAGE_SIZE)
 TEXT_LENGTH = 8  # <bos> + 5 words + <eos>, one to spare
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 PATCH_SIZE = (2, 4, 4)
 #: the denoiser's size (measured on the 2-core machine; docs/toyworld.md "Video world")
 TRANSFORMER = dict(num_attention_heads=4, attention_head_dim=32, num_layers=4, ffn_dim=512, freq_dim=64)
@@ -48,25 +46,11 @@ FLOW_SHIFT = 1.0
 
 def vocabulary() -> list[str]:
     """Every word the video grammar can produce, in a fixed order (ids are part of the shipped weights)."""
-    words = ["one", *COUNT_WORDS.values(), *COLOURS]
-    for shape in SHAPES:
-        words += [shape, shape + "s"]
-    for phrase in MOTION_PHRASES.values():
-        words += phrase.split()
-    return list(SPECIAL_TOKENS) + list(dict.fromkeys(words))
+    return image_reference.vocabulary(MOTION_PHRASES)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        model_max_length=TEXT_LENGTH,
-    )
+    return image_reference.build_tokenizer(vocabulary(), TEXT_LENGTH)
 
 
 def build_text_encoder(vocab_size: int | None = None) -> CLIPTextModel:
