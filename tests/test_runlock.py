@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -64,11 +63,10 @@ def test_a_second_job_exits_at_once_naming_the_holder_and_a_killed_holders_lock_
     record = read_holder(run / RUN_LOCK_NAME)
     assert record["pid"] == first.pid and record["host"] == socket.gethostname() and record["command"]
 
-    t0 = time.time()
-    second = _python(TAKE, str(run), "0")
+    second = _python(TAKE, str(run), "0", timeout=60)  # it does not wait for the lock (a wait would time out)
     assert second.returncode == 1 and "TOOK" not in second.stdout
     assert f"pid {first.pid} on host {socket.gethostname()}" in second.stderr, second.stderr
-    assert str(run) in second.stderr and time.time() - t0 < 60
+    assert str(run) in second.stderr
 
     first.send_signal(signal.SIGKILL)  # no clean-up: the lock file stays, but the OS dropped the flock
     first.wait(timeout=30)
@@ -88,14 +86,12 @@ def test_a_second_job_exits_at_once_naming_the_holder_and_a_killed_holders_lock_
 def test_jobs_refuse_a_locked_run_directory_before_starting_ray(tmp_path, holder, job, args, sibling):
     run = tmp_path / "run"
     first = holder(run, sibling=sibling)
-    t0 = time.time()
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / job), *[a.format(d=run) for a in args]], cwd=ROOT,
                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"pid {first.pid} on host {socket.gethostname()}" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and "Ray instance" not in out.stdout + out.stderr
-    assert time.time() - t0 < 120
     assert first.poll() is None and read_holder(lock_file_for(run, sibling=sibling))["pid"] == first.pid
 
 

@@ -19,6 +19,7 @@ process, without a process group (the exported policy, a round's optimizer carry
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -87,7 +88,9 @@ def load_full(folder: str | Path, parts: set[str]) -> dict:
     if not (folder / ".metadata").is_file():
         raise FileNotFoundError(f"{folder}: not a checkpoint written by pipeline/training/checkpoint.py "
                                 f"(no DCP .metadata)")
-    loaded = _load_state_dict_from_keys(set(parts), checkpoint_id=str(folder))
+    with warnings.catch_warnings():  # reading in one process, on purpose: DCP's note that it assumes so is noise
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+        loaded = _load_state_dict_from_keys(set(parts), checkpoint_id=str(folder))
     return {part: loaded.get(part, {}) for part in parts}
 
 

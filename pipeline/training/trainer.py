@@ -40,7 +40,7 @@ def _read_pairs_dataset(files: list[str]) -> ray.data.Dataset:
     ctx = ray.data.DataContext.get_current()
     v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
-        return ray.data.read_parquet(files, ray_remote_args={"num_cpus": 0}).select_columns(TRAIN_SCHEMA.names)
+        return ray.data.read_parquet(files, num_cpus=0).select_columns(TRAIN_SCHEMA.names)
     finally:
         ctx.use_datasource_v2 = v2
 

@@ -162,8 +162,11 @@ def quiet_console() -> None:
     errors only, while its log file (``<session>/logs/ray-data/``) keeps everything. The Hugging Face
     libraries' weight-loading bars are switched off unless ``HF_HUB_DISABLE_PROGRESS_BARS`` says otherwise.
     :func:`start_ray` calls it; a process that starts Ray itself may too. The jobs print their own progress
-    (``pipeline/utils/progress.py``)."""
+    (``pipeline/utils/progress.py``). Deprecation warnings that Ray's own modules raise about Ray's own calls
+    (one per run from Ray Data's default ingest options) are not the user's to act on and are dropped."""
     import ray.data
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray(\.|$)")
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
