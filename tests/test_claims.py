@@ -105,7 +105,8 @@ def test_quick_run_writes_every_part_claim_and_plot(tmp_path):
         assert (out / "results" / "parts" / f"{part}.json").is_file(), part
     text = (out / "results.md").read_text()
     assert "missing: none" in text
-    for heading in ("## Summary", "## The β sweep", "## Offline", "## SDPO Fig. 1/3", "## SIPO Fig. A1"):
+    for heading in ("## Summary", "## The β sweep", "## Offline", "## SDPO Fig. 1/3", "## SIPO Fig. A1",
+                    "## SIPO Table 1 on video"):
         assert heading in text, heading
     verdicts = re.findall(r"\| \*\*([\w ]+)\*\* \|", text)
     assert len(verdicts) == len(claims.claims({}, claims.QUICK)) + 2  # the online claim is three once measured
@@ -116,6 +117,11 @@ def test_quick_run_writes_every_part_claim_and_plot(tmp_path):
     sweep = json.loads((out / "results" / "parts" / "sweep.json").read_text())
     for key, m in sweep["methods"].items():  # the best β is the validation argmax of the method's own grid
         assert m["best_beta"] == float(max(m["by_beta"], key=lambda x: m["by_beta"][x]["mean"])), key
+    video = json.loads((out / "results" / "parts" / "video.json").read_text())  # the video world's own sweep and arms
+    assert video["budget"] == json.loads(json.dumps(asdict(claims.VIDEO_QUICK))) and "toy_video" in video["model"]
+    assert set(video["arms"]) == {f"{m}@best" for m in claims.VIDEO_METHODS}
+    for key, m in video["sweep"]["methods"].items():
+        assert video["arms"][f"{key.split('/')[1]}@best"]["objective"]["beta"] == m["best_beta"]
     online = json.loads((out / "results" / "parts" / "online-0.json").read_text())
     # the product's round loop ran each arm (one round in the CI form; tests above pool rounds and seeds)
     assert [len(a["rounds"]) for a in online["arms"].values()] == [1, 1]
