@@ -22,7 +22,6 @@ import torch
 from diffusers import (AutoencoderKLCogVideoX, AutoencoderKLWan, CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
                        CogVideoXPipeline, CogVideoXTransformer3DModel, DDPMScheduler, DiffusionPipeline,
                        FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel)
-from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from pipeline.backbones import CogVideoXBackbone, WanBackbone, backbone_class, load_backbone
@@ -33,6 +32,7 @@ from pipeline.toyworld.reference import build_tokenizer
 from pipeline.training import PairBatch, preference_step
 from pipeline.training.parallel import repeated_blocks
 from pipeline.utils.atomic import COMPLETE_MARKER
+from trained_weights import trained_weights
 
 PROMPTS = ["two red circles on the left", "a blue square at the top"]
 WAN_SIZE = (5, 32, 32)  # Wan's VAE: 4× in time, 8× in space → latents (4, 2, 4, 4)
@@ -319,18 +319,6 @@ def test_fsdp2_shards_the_video_transformer_blocks(wan_dir, cog_dir):
                        for p in bb.denoiser.parameters())
     finally:
         dist.destroy_process_group()
-
-
-def trained_weights(base, path, lora_rank=0):
-    """What the trainer saves: the full denoiser state (LoRA: base + adapter keys), changed."""
-    bb = load_backbone(base, lora_rank=lora_rank)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in bb.denoiser.named_parameters():
-            if not lora_rank or "lora_" in name:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    save_file({k: v.contiguous() for k, v in bb.denoiser.state_dict().items()}, str(path))
-    return path
 
 
 @pytest.mark.parametrize("fixture, pipeline_class, lora_rank",

@@ -118,7 +118,10 @@ def test_quick_run_writes_every_part_claim_and_plot(tmp_path):
     for key, m in sweep["methods"].items():  # the best β is the validation argmax of the method's own grid
         assert m["best_beta"] == float(max(m["by_beta"], key=lambda x: m["by_beta"][x]["mean"])), key
     video = json.loads((out / "results" / "parts" / "video.json").read_text())  # the video world's own sweep and arms
-    assert video["budget"] == json.loads(json.dumps(asdict(claims.VIDEO_QUICK))) and "toy_video" in video["model"]
+    from pipeline.toyworld.worlds import resolve_model
+
+    assert video["budget"] == json.loads(json.dumps(asdict(claims.VIDEO_QUICK)))
+    assert video["model"] == resolve_model("toy_video:reference")
     assert set(video["arms"]) == {f"{m}@best" for m in claims.VIDEO_METHODS}
     for key, m in video["sweep"]["methods"].items():
         assert video["arms"][f"{key.split('/')[1]}@best"]["objective"]["beta"] == m["best_beta"]

@@ -17,7 +17,7 @@ import torch
 from diffusers import (DiffusionPipeline, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, PNDMScheduler,
                        StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPTokenizer, T5Tokenizer
 
 from pipeline.backbones import load_backbone
@@ -25,6 +25,7 @@ from pipeline.export import export_model
 from pipeline.utils.atomic import COMPLETE_MARKER
 # The tiny stand-in folders (module-scoped fixtures) are shared with the backbone tests, not rebuilt here.
 from test_backbones_real import PROMPTS, sd3_dir, sd15_dir, sdxl_dir  # noqa: F401
+from trained_weights import trained_weights
 
 WORDS = sorted({w for p in PROMPTS for w in p.split()})
 SIZE = 16  # pixels: 8×8 latents with the tiny VAE (scale factor 2)
@@ -107,18 +108,6 @@ def sd3_pipeline_dir(sd3_dir, tmp_path_factory):  # noqa: F811
         text_encoder_2=clip_encoder(bb.text_encoders[1], tok_2), tokenizer_2=tok_2,
         text_encoder_3=bb.text_encoders[2], tokenizer_3=t5_tokenizer())
     return save_pipeline(pipe, tmp_path_factory.mktemp("base") / "sd3")
-
-
-def trained_weights(base, path, lora_rank=0):
-    """What the trainer would save: the full denoiser state (LoRA: base + adapter keys), changed."""
-    bb = load_backbone(base, lora_rank=lora_rank)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in bb.denoiser.named_parameters():
-            if not lora_rank or "lora_" in name:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    save_file({k: v.contiguous() for k, v in bb.denoiser.state_dict().items()}, str(path))
-    return path
 
 
 def files(folder, skip=()):
