@@ -113,7 +113,7 @@ QUICK = Budget(fit_prompts=6, samples_per_prompt=2, rollout_steps=2, min_reward_
 
 #: the video claim (SIPO Table 1: DPO-C&M and SIPO against Diffusion-DPO on VBench), on the toy video world; a
 #: Budget of its own — its sizes fit a video reference's cost (bench/results/toy_video_reference). lr 2e-5: in a
-#: pilot (SIPO only) on the video reference's pairs, lr 2e-4 and above lowered the reward (docs/results.md)
+#: pilot (SIPO only) on the video reference's pairs, lr 2e-4 and above lowered the reward (docs/rounds.md, "Video")
 VIDEO_WORLD = "toy_video"
 VIDEO_METHODS = ("diffusion-dpo", "dpo-cm", "sipo")
 VIDEO = Budget(fit_prompts=64, samples_per_prompt=4, rollout_steps=8, min_reward_gap=0.1, steps=60, batch_size=4,

@@ -117,9 +117,12 @@ def test_grid_sweep_asha_stops_a_trial_and_writes_everything(grid_sweep):
     assert _resources_released()
     # A rerun resumes the finished experiment: nothing is trained or evaluated again (every trial file is
     # untouched), the tables are rewritten.
-    trial_files = {p: p.stat().st_mtime_ns for p in (out / "trials").rglob("*") if p.is_file()}
+    def trial_files() -> dict:
+        return {p: p.stat().st_mtime_ns for p in (out / "trials").rglob("*") if p.is_file()}
+
+    before = trial_files()
     _run(out.parent, "grid", cfg)
-    assert {p: p.stat().st_mtime_ns for p in (out / "trials").rglob("*") if p.is_file()} == trial_files
+    assert trial_files() == before
     assert [(r["trial"], r["final_reward"]) for r in _rows(out)] == [(r["trial"], r["final_reward"]) for r in rows]
 
 
