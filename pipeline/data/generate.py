@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.data.context import ShuffleStrategy
 
 from ..config import absolute_paths, differences, fingerprint, sections, to_dict
 from ..sampling import SamplerConfig
@@ -169,6 +170,10 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
     parts = max(1, min(200, rows // ROWS_PER_PARTITION))
     # …but give every model actor the pool may grow to a few blocks to work on.
     ds = ray.data.from_items(prompts, override_num_blocks=min(len(prompts), max(parts, 4 * bounds.max_size)))
+    # The pairing groupby and the final sort shuffle with plain tasks: Ray Data's default shuffle starts actors
+    # of its own for every run, a fixed cost larger than the shuffle of a few thousand rows
+    # (bench/results/fixed_costs.md)
+    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     if cfg.object_store_mb:  # backpressure: the whole run (every dataset derived from this one) shares this context
         options = ds.context.execution_options
         options.resource_limits = options.resource_limits.copy(object_store_memory=cfg.object_store_mb << 20)
