@@ -1,7 +1,8 @@
 """Driver memory of training on 1× and 10× the pairs at SD 1.5 latent size (4×64×64), in memory vs streamed.
 
 ``run_training`` never loads the pairs table on the driver: it checks the files' checksums and metadata and
-hands Ray Data the Parquet parts, which the workers read (``pipeline/training/trainer.py``). This benchmark
+hands the workers the Parquet parts, which they read themselves (in memory) or through Ray Data (streamed;
+``pipeline/training/trainer.py``). This benchmark
 measures that claim: each case runs ``run_training`` in a fresh subprocess (its own local Ray) for one epoch
 of the pairs and samples, every 0.2 s, the driver's resident memory, the training worker's, and the object
 store's use (Ray's memory summary). Cases: ``train.stream_pairs`` off (every worker holds the table) and on

@@ -318,7 +318,10 @@ def test_jvp_lambda_falls_back_to_a_second_backward_for_ops_without_forward_ad()
 def test_parameter_lambda_method_resolution():
     net = torch.nn.Linear(2, 2)
     assert parameter_lambda_method(net) == "jvp" and parameter_lambda_method(net, "backward") == "backward"
-    assert parameter_lambda_method(net, "jvp") == "jvp"
+    assert parameter_lambda_method(net, "jvp") == "jvp" and parameter_lambda_method(net, "split") == "split"
+    assert parameter_lambda_method(net, checkpointed=True) == "split"  # forward AD cannot run through a recompute
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        parameter_lambda_method(net, "jvp", checkpointed=True)
     with pytest.raises(ValueError, match="safeguard.method='fast'"):
         parameter_lambda_method(net, "fast")
     with pytest.raises(TypeError, match="needs the module"):
@@ -340,11 +343,12 @@ def _step_batch():
     ("diffusion-dpo", "epsilon", "model"), ("diffusion-dpo", "epsilon", "x0"), ("diffusion-dpo", "v_prediction", "model"),
     ("diffusion-dpo", "v_prediction", "x0"), ("ddspo", "epsilon", "model"), ("sipo", "v_prediction", "model"),
 ])
-def test_preference_step_jvp_and_backward_give_the_same_lambda_loss_and_gradient(name, prediction, residual_space,
-                                                                                 tiny_toy_model_dir):
-    """Through the product's step on the toy backbone: the default (JVP, winners and losers as two forwards)
-    and the two-backward method agree on λ, the loss and every parameter gradient — for ε and v, residuals in
-    model or x0 space, data targets and DDSPO's reference targets, with and without SIPO's weights."""
+def test_preference_step_lambda_methods_give_the_same_lambda_loss_and_gradient(name, prediction, residual_space,
+                                                                              tiny_toy_model_dir):
+    """Through the product's step on the toy backbone: the default (the JVP; winners and losers as two forwards),
+    the split method (one extra backward through each half) and the two-backward method agree on λ, the loss
+    and every parameter gradient — for ε and v, residuals in model or x0 space, data targets and DDSPO's
+    reference targets, with and without SIPO's weights."""
     from pipeline.backbones import UNetBackbone
     from pipeline.toyworld.reference import build_scheduler
     from pipeline.training import preference_step
@@ -358,18 +362,23 @@ def test_preference_step_jvp_and_backward_give_the_same_lambda_loss_and_gradient
             p.add_(0.02 * torch.randn_like(p))
     cfg = preset(name, residual_space=residual_space).with_safeguard(mu=0.5, space="parameter")
     results = {}
-    for method in ("auto", "backward"):
+    for method in ("auto", "split", "jvp", "backward"):
         bb.denoiser.zero_grad(set_to_none=True)
         out = preference_step(bb, cfg, _step_batch(), generator=torch.Generator().manual_seed(3), safeguard_method=method)
         out.loss.backward()
         results[method] = (out, [p.grad.clone() for p in bb.trainable_parameters()])
-    (a, ga), (b, gb) = results["auto"], results["backward"]
-    torch.testing.assert_close(a.loser_scale, b.loser_scale, rtol=1e-5, atol=1e-6)
+    b, gb = results["backward"]
+    # "auto" is "jvp" on an unsharded model: the same computation, bit for bit
+    assert torch.equal(results["auto"][0].loss, results["jvp"][0].loss)
+    assert all(torch.equal(x, y) for x, y in zip(results["auto"][1], results["jvp"][1]))
     # Two forwards of 2 instead of one of 4 round differently in fp32, and β = 5000 magnifies the residuals'
     # difference in the logit (x̂0 residuals divide by √ᾱ_t, more so): the loss and gradients agree to 1e-3
     # (1e-2 for x̂0 residuals; the rounding depends on the machine's thread count), λ (a ratio of sums) to 1e-5.
     tol = 1e-2 if residual_space == "x0" else 1e-3
-    torch.testing.assert_close(a.loss, b.loss, rtol=tol, atol=0)
     scale = max(float(g.abs().max()) for g in gb)
-    assert max(float((x - y).abs().max()) for x, y in zip(ga, gb)) <= tol * scale
+    for method in ("split", "jvp"):
+        a, ga = results[method]
+        torch.testing.assert_close(a.loser_scale, b.loser_scale, rtol=1e-5, atol=1e-6, msg=method)
+        torch.testing.assert_close(a.loss, b.loss, rtol=tol, atol=0, msg=method)
+        assert max(float((x - y).abs().max()) for x, y in zip(ga, gb)) <= tol * scale, method
     assert 0.0 < float(b.loser_scale) <= 1.0

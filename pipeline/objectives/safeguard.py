@@ -8,19 +8,27 @@ A first-order step on ``L_w - λ·L_l`` leaves ``L_w`` non-increasing iff
   ``λ = clip((1-μ)·‖g_w‖² / ⟨g_w, g_l⟩, 0, 1)``, and ``λ = 1`` when ``⟨g_w, g_l⟩ ≤ 0``.
   Scope ``"batch"`` sums the norms over the micro-batch and gives one λ (the authors' code; not
   all-reduced across workers); ``"sample"`` gives one λ per pair.
-* **parameter space** (Eq. 14 exactly, the † rows of Table 4) of the micro-batch mean residuals, two ways
+* **parameter space** (Eq. 14 exactly, the † rows of Table 4) of the micro-batch mean residuals, three ways
   that agree to fp32 rounding:
 
-  - ``"jvp"`` (:func:`parameter_space_lambda_jvp`): one extra backward gives ``g_w = ∇θL_w``; the loser's
-    forward then runs with forward-mode dual parameters whose tangent is ``g_w``, so ``⟨g_w, ∇θL_l⟩`` is the
-    directional derivative of ``L_l`` along ``g_w`` — a JVP riding on a forward the loss needs anyway,
-    instead of a second backward. Attention runs on PyTorch's math SDPA kernel in that forward (the fused
-    CPU/CUDA kernels have no forward-AD formula).
-  - ``"backward"`` (:func:`parameter_space_lambda`): two extra vector-Jacobian products give ∇θL_w and ∇θL_l.
-    The only method for FSDP2-sharded models (forward AD does not reach DTensor shards): two real backward
-    passes, local shard dot products all-reduced over the mesh.
+  - ``"jvp"`` (:func:`parameter_space_lambda_jvp`, the default on an unsharded model): one extra backward gives
+    ``g_w = ∇θL_w``; the loser's forward then runs with forward-mode dual parameters whose tangent is ``g_w``, so
+    ``⟨g_w, ∇θL_l⟩`` is the directional derivative of ``L_l`` along ``g_w`` — a JVP riding on a forward the loss
+    needs anyway, instead of a second backward. Attention runs on PyTorch's math SDPA kernel in that forward
+    (the fused CPU/CUDA kernels have no forward-AD formula).
+  - ``"split"``: winners and losers run as two forwards, so that ``∇θL_w`` backpropagates through the winners'
+    graph only and ``∇θL_l`` through the losers' only (:func:`parameter_space_lambda` on the two halves'
+    predictions): the two extra passes together cost one backward of the pair batch in FLOPs, against two for
+    ``"backward"``. Faster than the JVP where a backward's cost grows with the batch (the toy UNet at 16 pairs
+    per step), slower where it is dominated by writing a parameter-sized gradient (SD 1.5 at one pair per step
+    on CPU): bench/results/objectives.md. It composes with activation checkpointing; the JVP does not.
+  - ``"backward"`` (:func:`parameter_space_lambda`): two extra vector-Jacobian products give ∇θL_w and ∇θL_l
+    through the batched forward of winners and losers. The only method for FSDP2-sharded models (forward AD
+    does not reach DTensor shards): two real backward passes, local shard dot products all-reduced over the
+    mesh.
 
-  :func:`parameter_lambda_method` resolves ``"auto"`` to ``"jvp"`` and to ``"backward"`` for sharded models.
+  :func:`parameter_lambda_method` resolves ``"auto"`` to ``"jvp"``, to ``"split"`` for a denoiser whose blocks
+  recompute their activations, and to ``"backward"`` for sharded models.
   With one pair per step the first-order guarantee is exact; with more pairs it holds for the linearised
   objective ``L_w - λ·L_l`` (the paper's footnote 2: DPO's σ factor differs per pair).
 
@@ -42,8 +50,8 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Scope = Literal["batch", "sample"]
-Method = Literal["auto", "jvp", "backward"]
-METHODS = ("auto", "jvp", "backward")
+Method = Literal["auto", "split", "jvp", "backward"]
+METHODS = ("auto", "split", "jvp", "backward")
 
 
 def scale_gradient(x: Tensor, scale: Tensor | float) -> Tensor:
@@ -118,19 +126,26 @@ def parameter_space_lambda(
     return _safe_ratio(ww, wl, mu).float()
 
 
-def parameter_lambda_method(module: nn.Module, method: Method = "auto") -> Literal["jvp", "backward"]:
-    """The parameter-space method to use for ``module``: ``"auto"`` is ``"jvp"`` unless the module has
-    FSDP2-sharded (DTensor) parameters, where only the backward method works."""
+def parameter_lambda_method(module: nn.Module, method: Method = "auto", *,
+                            checkpointed: bool = False) -> Literal["split", "jvp", "backward"]:
+    """The parameter-space method to use for ``module``: ``"auto"`` is ``"jvp"``, ``"split"`` when the module's
+    blocks recompute their activations in backward (``checkpointed``: forward AD cannot run through them), and
+    ``"backward"`` when it has FSDP2-sharded (DTensor) parameters, where only the backward method works."""
     if method not in METHODS:
         raise ValueError(f"safeguard.method={method!r}: expected one of {METHODS}")
     if method == "backward":
         return "backward"
     if any(_is_dtensor(p) for p in module.parameters()):
-        if method == "jvp":
-            raise ValueError("safeguard.method='jvp': the model is FSDP2-sharded (DTensor parameters), which forward "
-                             "AD does not support; use method='backward' or 'auto'")
+        if method != "auto":
+            raise ValueError(f"safeguard.method={method!r}: the model is FSDP2-sharded (DTensor parameters); only "
+                             "method='backward' (or 'auto') computes λ over its shards")
         return "backward"
-    return "jvp"
+    if checkpointed and method == "jvp":
+        raise ValueError("safeguard.method='jvp': forward AD cannot run through blocks that recompute their "
+                         "activations in backward (activation checkpointing); use 'split' or 'auto'")
+    if method == "auto":
+        return "split" if checkpointed else "jvp"
+    return method
 
 
 def forward_ad_kernels():
@@ -178,7 +193,7 @@ def parameter_space_lambda_jvp(
     """
     if not isinstance(module, nn.Module):
         raise TypeError("parameter_space_lambda_jvp needs the module (its parameters are swapped for dual tensors)")
-    if parameter_lambda_method(module) != "jvp":
+    if any(_is_dtensor(p) for p in module.parameters()):
         raise ValueError("parameter_space_lambda_jvp: the module is FSDP2-sharded; use parameter_space_lambda")
     space = space or (lambda y: y)
     named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]

@@ -7,14 +7,16 @@ This is where models meet the pure maths of :mod:`pipeline.objectives`:
   and over (winner | c, loser | c, loser | c⁻) for DDSPO's score-space targets;
 * SIPO / DPO-C&M importance weights come from the policy's predictions on the same noised pairs;
 * the SDPO safeguard is computed from output-space gradients inside the objective, or here from exact
-  parameter gradients when ``safeguard.space == "parameter"`` (one extra backward and a JVP in the losers'
-  forward, or two extra backwards under FSDP2).
+  parameter gradients when ``safeguard.space == "parameter"`` (winners and losers then run as two forwards: one
+  extra backward and a JVP in the losers' forward, or one extra backward through each half; two extra backwards
+  of the batched forward under FSDP2).
 
 The caller owns backward, clipping and the optimizer (Ray Train loop, benchmarks, tests).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,8 +56,9 @@ def preference_step(backbone: Backbone, cfg: ObjectiveConfig, batch: PairBatch, 
     ``reference`` is the frozen reference denoiser the trainer owns (``None``: the backbone's own — the
     denoiser with LoRA adapters off, or its lazily taken copy). ``safeguard_method`` picks how the
     parameter-space λ is computed (:func:`~pipeline.objectives.safeguard.parameter_lambda_method`): ``"auto"``
-    is the forward-mode ``"jvp"`` (winners and losers then run as two forwards) and the two-backward
-    ``"backward"`` for FSDP2-sharded denoisers; both give the same λ to fp32 rounding.
+    is the forward-mode ``"jvp"``, ``"split"`` (one extra backward through each half) on a denoiser with
+    activation checkpointing, and the two-backward ``"backward"`` for FSDP2-sharded denoisers; all give the
+    same λ to fp32 rounding.
     """
     ref_kw = dict(reference=True if reference is None else reference)
     process = backbone.process
@@ -69,9 +72,8 @@ def preference_step(backbone: Backbone, cfg: ObjectiveConfig, batch: PairBatch, 
 
     method = None
     if cfg.safeguard is not None and cfg.safeguard.space == "parameter":
-        if safeguard_method == "auto" and activation_checkpointed(backbone.denoiser):
-            safeguard_method = "backward"  # forward AD cannot run through blocks that recompute in backward
-        method = parameter_lambda_method(backbone.denoiser, safeguard_method)
+        method = parameter_lambda_method(backbone.denoiser, safeguard_method,
+                                         checkpointed=activation_checkpointed(backbone.denoiser))
 
     # The reference and the targets first: the parameter-space λ needs the targets before the losers' forward.
     ddspo = cfg.targets == "ddspo"
@@ -80,12 +82,12 @@ def preference_step(backbone: Backbone, cfg: ObjectiveConfig, batch: PairBatch, 
         if batch.perturbed_prompts is None or any(not p for p in batch.perturbed_prompts):
             raise ValueError("objective.targets='ddspo' needs a perturbed prompt (c⁻) for every pair")
         cond_minus = backbone.encode_prompts(batch.perturbed_prompts)
-    if method == "jvp":
-        # The reference split and on the kernels the policy runs on below (the losers' on the attention kernel
-        # the JVP needs), so that a policy equal to its reference gives a DPO logit of exactly zero, as it does
-        # when both run batched.
+    if method in ("split", "jvp"):
+        # The reference split as the policy runs below and on the same kernels (for "jvp" the losers' on the
+        # attention kernel the JVP needs), so that a policy equal to its reference gives a DPO logit of exactly
+        # zero, as it does when both run batched.
         ref_w = backbone.predict(pair.x_t_w, t, cond, **ref_kw)
-        with forward_ad_kernels():
+        with forward_ad_kernels() if method == "jvp" else nullcontext():
             ref_l = backbone.predict(pair.x_t_l, t, cond, **ref_kw)
             ref_l_minus = backbone.predict(pair.x_t_l, t, cond_minus, **ref_kw) if ddspo else None
     elif ddspo:
@@ -104,7 +106,15 @@ def preference_step(backbone: Backbone, cfg: ObjectiveConfig, batch: PairBatch, 
         return to_residual_space(cfg, process, y, x_t, t)
 
     loser_scale = None
-    if method == "jvp":
+    if method == "split":
+        # Winners and losers in two forwards: ∇θL_w backpropagates through the winners' graph only and ∇θL_l
+        # through the losers' only (together one backward of the batch); the graphs stay for the loss's backward.
+        policy_w = backbone.predict(pair.x_t_w, t, cond)
+        policy_l = backbone.predict(pair.x_t_l, t, cond)
+        loser_scale = parameter_space_lambda(space(policy_w, pair.x_t_w), space(target_w, pair.x_t_w),
+                                             space(policy_l, pair.x_t_l), space(target_l, pair.x_t_l),
+                                             backbone.denoiser, mu=cfg.safeguard.mu)
+    elif method == "jvp":
         # Winners and losers in two forwards: g_w = ∇θL_w backpropagates through the winners' graph only, and
         # the losers' forward (the one the loss uses) carries the JVP along g_w.
         policy_w = backbone.predict(pair.x_t_w, t, cond)

@@ -67,16 +67,20 @@ def run_training(cfg: TrainConfig, pairs: str | Path | Sequence[str | Path], sto
     if rows < cfg.batch_size * cfg.num_workers:
         raise ValueError(f"{pairs}: {rows} pairs, fewer than one batch per worker "
                          f"({cfg.batch_size} × {cfg.num_workers} workers)")
-    dataset = _read_pairs_dataset([str(f) for i in infos for f in i.files])
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # a stream re-reads the files in the same order every epoch and after a restart
-    if cfg.stream_pairs:  # read ahead only this far: the object store holds a window, not the dataset
+    files = [str(Path(f).resolve()) for i in infos for f in i.files]
+    data = {}
+    if cfg.stream_pairs:  # each worker streams its split through Ray Data; in memory every worker reads the files
+        ingest = DataConfig.default_ingest_options()
+        ingest.preserve_order = True  # a stream re-reads the files in the same order every epoch and after a restart
+        # read ahead only this far: the object store holds a window, not the dataset
         ingest.resource_limits = ingest.resource_limits.copy(object_store_memory=cfg.stream_buffer_mb << 20)
+        data = dict(datasets={"train": _read_pairs_dataset(files)},
+                    dataset_config=DataConfig(datasets_to_split="all", execution_options=ingest))
     fatal_path = (Path(storage) / name / FATAL_FILE).resolve()
     fatal_path.unlink(missing_ok=True)  # a previous attempt's; this one starts clean
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=config_dict(cfg, fatal_path=fatal_path),
+        train_loop_config=config_dict(cfg, fatal_path=fatal_path, files=[] if cfg.stream_pairs else files),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,  # placement: docs/jobs.md
                                      resources_per_worker=train_worker_resources(cfg),
                                      label_selector=cfg.worker_labels or None),
@@ -87,10 +91,9 @@ def run_training(cfg: TrainConfig, pairs: str | Path | Sequence[str | Path], sto
                              callbacks=[MetricsTracker(Path(logdir or Path(storage) / name / "tensorboard").resolve(),
                                                        cfg.report_to, run_name=name, mlflow_uri=cfg.mlflow_uri,
                                                        params=to_dict(cfg), max_steps=cfg.max_steps)]),
-        datasets={"train": dataset},
-        # in memory, every worker sees every pair and the engine's sampler gives each rank its share
+        # in memory, every worker reads every pair and the engine's sampler gives each rank its share
         # deterministically; streamed, each worker reads its own split of the files
-        dataset_config=DataConfig(datasets_to_split="all" if cfg.stream_pairs else [], execution_options=ingest),
+        **data,
     )
     tail = nullcontext() if not progress else tail_training(
         Path(logdir or Path(storage) / name / "tensorboard").resolve(), cfg.max_steps, label=name,

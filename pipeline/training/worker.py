@@ -1,10 +1,11 @@
 """The Ray Train (V2) worker: a thin wrapper that feeds :class:`~pipeline.training.engine.TrainEngine`.
 
 Each worker builds the engine (backbone from its local folder, reference, FSDP2 over all workers), takes
-the pairs from its ``get_dataset_shard`` — Ray Data reading the Parquet parts; the driver never loads them —
-and checks their values. By default every worker holds the whole table and the engine's sampler picks its
-rank's share (the data order is the same as in-process and survives restarts); with ``stream_pairs`` each
-worker streams its own split epoch by epoch (:class:`~pipeline.training.engine.PairStream`). It reports
+the pairs — the driver never loads them — and checks their values. By default every worker reads the whole
+table from the Parquet parts itself (pyarrow, the files in the order the driver listed them) and the engine's
+sampler picks its rank's share (the data order is the same as in-process and survives restarts); with
+``stream_pairs`` each worker streams its own split epoch by epoch from its ``get_dataset_shard`` — Ray Data
+reading the parts (:class:`~pipeline.training.engine.PairStream`). It reports
 metrics every ``log_every`` steps and a checkpoint every ``checkpoint_every`` steps. A checkpoint holds
 the engine's whole state (weights, optimizer, EMA, step, sampler position, RNG states), each rank writing
 its own shards (``checkpoint.py``), so a restart — after a worker failure or a relaunch — continues
@@ -22,9 +23,10 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..config import build, to_dict
-from ..data.schema import SchemaError, validate_table
+from ..data.schema import TRAIN_SCHEMA, SchemaError, validate_table
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .engine import PairData, PairStream, TrainEngine, TrainingDiverged
@@ -35,8 +37,10 @@ FATAL_FILE = "fatal_error.json"  # in <storage>/<name>/: a deterministic error t
 DETERMINISTIC_ERRORS = (TrainingDiverged, SchemaError, FileNotFoundError, NotADirectoryError)
 
 
-def _read_shard(shard) -> PairData:
-    tables = [b for b in shard.iter_batches(batch_size=4096, batch_format="pyarrow")]
+def _read_files(files: list[str]) -> PairData:
+    """The whole table, read here: a worker that holds every pair needs no Ray Data pipeline (whose start-up, in
+    each worker and on the driver, costs more than reading a few MB)."""
+    tables = [pq.read_table(f, columns=TRAIN_SCHEMA.names) for f in files]
     return PairData.from_table(validate_table(pa.concat_tables(tables), "the training pairs", images=False))
 
 
@@ -49,9 +53,9 @@ def train_loop_per_worker(config: dict) -> None:
         cfg = build(TrainConfig, config["train"], "train")
         engine = TrainEngine(cfg, device=ray.train.torch.get_device(), rank=ctx.get_world_rank(),
                              world=ctx.get_world_size())
-        shard = ray.train.get_dataset_shard("train")
-        data = (PairStream(shard, cfg.batch_size, cfg.seed, shuffle_buffer=cfg.shuffle_buffer, source="the training pairs")
-                if cfg.stream_pairs else _read_shard(shard))
+        data = (PairStream(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed,
+                           shuffle_buffer=cfg.shuffle_buffer, source="the training pairs")
+                if cfg.stream_pairs else _read_files(config["files"]))
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
@@ -77,6 +81,8 @@ def train_loop_per_worker(config: dict) -> None:
             atomic_write_bytes(config["fatal_path"], json.dumps({"error": f"{type(err).__name__}: {err}"}).encode())
 
 
-def config_dict(cfg: TrainConfig, *, fatal_path: str | Path | None = None) -> dict:
-    return {"train": to_dict(cfg), "fatal_path": str(fatal_path) if fatal_path else ""}
+def config_dict(cfg: TrainConfig, *, fatal_path: str | Path | None = None, files: list[str] | None = None) -> dict:
+    """What every worker gets: the train config, where to report a deterministic error, and (read in memory) the
+    pairs' Parquet files."""
+    return {"train": to_dict(cfg), "fatal_path": str(fatal_path) if fatal_path else "", "files": list(files or [])}
 
