@@ -172,7 +172,7 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
     ds = ray.data.from_items(prompts, override_num_blocks=min(len(prompts), max(parts, 4 * bounds.max_size)))
     # The pairing groupby and the final sort shuffle with plain tasks: Ray Data's default shuffle starts actors
     # of its own for every run, a fixed cost larger than the shuffle of a few thousand rows
-    # (bench/results/fixed_costs.md)
+    # (docs/scale.md, bench/results/rollouts.md)
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     if cfg.object_store_mb:  # backpressure: the whole run (every dataset derived from this one) shares this context
         options = ds.context.execution_options
