@@ -25,7 +25,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -277,16 +277,23 @@ def scan_pairs(path: str | Path, *, values: bool = True, batch_rows: int = 1024,
     return PairsInfo(files, rows, shapes.pop() if shapes else None)
 
 
+def read_parts(files: Sequence[str | Path], columns: Sequence[str] | None = None) -> list[pa.Table]:
+    """Each Parquet part read whole (``columns``: only those); an unreadable part is a :class:`SchemaError`
+    naming it."""
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, columns=list(columns) if columns is not None else None))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise SchemaError(f"{f}: not a readable Parquet file ({err})") from err
+    return tables
+
+
 def read_pairs(path: str | Path) -> pa.Table:
     """Read and validate a whole pairs dataset into memory (see :func:`pair_files` for what ``path`` may be);
     for datasets that may not fit, :func:`scan_pairs` validates without loading."""
     files = pair_files(path)
-    tables = []
-    for f in files:
-        try:
-            tables.append(pq.read_table(f))
-        except (pa.ArrowInvalid, OSError) as err:
-            raise SchemaError(f"{f}: not a readable Parquet file ({err})") from err
+    tables = read_parts(files)
     return validate_table(pa.concat_tables([validate_table(t, str(f)) for t, f in zip(tables, files)]), str(path))
 
 

@@ -126,6 +126,11 @@ def parameter_space_lambda(
     return _safe_ratio(ww, wl, mu).float()
 
 
+def _is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` has FSDP2-sharded (DTensor) parameters."""
+    return any(_is_dtensor(p) for p in module.parameters())
+
+
 def parameter_lambda_method(module: nn.Module, method: Method = "auto", *,
                             checkpointed: bool = False) -> Literal["split", "jvp", "backward"]:
     """The parameter-space method to use for ``module``: ``"auto"`` is ``"jvp"``, ``"split"`` when the module's
@@ -135,7 +140,7 @@ def parameter_lambda_method(module: nn.Module, method: Method = "auto", *,
         raise ValueError(f"safeguard.method={method!r}: expected one of {METHODS}")
     if method == "backward":
         return "backward"
-    if any(_is_dtensor(p) for p in module.parameters()):
+    if _is_sharded(module):
         if method != "auto":
             raise ValueError(f"safeguard.method={method!r}: the model is FSDP2-sharded (DTensor parameters); only "
                              "method='backward' (or 'auto') computes λ over its shards")
@@ -193,7 +198,7 @@ def parameter_space_lambda_jvp(
     """
     if not isinstance(module, nn.Module):
         raise TypeError("parameter_space_lambda_jvp needs the module (its parameters are swapped for dual tensors)")
-    if any(_is_dtensor(p) for p in module.parameters()):
+    if _is_sharded(module):
         raise ValueError("parameter_space_lambda_jvp: the module is FSDP2-sharded; use parameter_space_lambda")
     space = space or (lambda y: y)
     named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]

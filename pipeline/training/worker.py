@@ -23,10 +23,9 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import build, to_dict
-from ..data.schema import TRAIN_SCHEMA, SchemaError, validate_table
+from ..data.schema import TRAIN_SCHEMA, SchemaError, read_parts, validate_table
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .engine import PairData, PairStream, TrainEngine, TrainingDiverged
@@ -40,7 +39,7 @@ DETERMINISTIC_ERRORS = (TrainingDiverged, SchemaError, FileNotFoundError, NotADi
 def _read_files(files: list[str]) -> PairData:
     """The whole table, read here: a worker that holds every pair needs no Ray Data pipeline (whose start-up, in
     each worker and on the driver, costs more than reading a few MB)."""
-    tables = [pq.read_table(f, columns=TRAIN_SCHEMA.names) for f in files]
+    tables = read_parts(files, columns=TRAIN_SCHEMA.names)
     return PairData.from_table(validate_table(pa.concat_tables(tables), "the training pairs", images=False))
 
 
