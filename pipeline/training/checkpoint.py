@@ -46,7 +46,9 @@ def save_checkpoint(engine, folder: str | Path, metrics: dict) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = engine.state_dict()
-    dcp.save(_sharded(state), checkpoint_id=str(folder))
+    # One worker writes without collectives: a distributed save on a one-rank gloo group leaves the rank's
+    # later training steps slower (bench/results/checkpoint_pause.md); the folder is the same either way.
+    dcp.save(_sharded(state), checkpoint_id=str(folder), no_dist=engine.world == 1)
     torch.save({"generator": state["generator"], "torch_rng": state["torch_rng"], "sampler": state["sampler"]},
                _rank_file(folder, engine.rank))
     if engine.rank == 0:
