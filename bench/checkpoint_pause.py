@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -31,6 +30,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pipeline.utils.atomic import atomic_write_bytes
+from pipeline.utils.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("product", "collective", "no-group")
@@ -107,7 +109,7 @@ def report(results: dict, argv: list[str]) -> str:
     a = results["args"]
     return "\n".join([
         "# Training speed after a mid-run checkpoint, one worker (bench/checkpoint_pause.py)", "",
-        f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}. Produced by "
+        f"{describe_machine()}, Python {platform.python_version()}. Produced by "
         f"`python bench/checkpoint_pause.py{(' ' + ' '.join(argv)) if argv else ''}` in {results['seconds']:.0f} s: "
         f"{a['repeats']} run(s) per variant, each a fresh process, variants alternating; the training engine on the "
         f"shipped toy reference with the embedded default's training config (SIPO β 500, SDPO safeguard, batch 8, "
@@ -144,8 +146,8 @@ def main(argv=None) -> int:
             print(f"{v}: {_steady(r['before']):.1f} → {_steady(r['after']):.1f} pairs/s (save {r['save_s']:.2f} s)", flush=True)
     results = {"args": {k: v for k, v in vars(args).items() if k != "child"}, "runs": runs, "seconds": time.time() - t0}
     argv_shown = list(argv if argv is not None else sys.argv[1:])
-    Path(args.out + ".json").write_text(json.dumps(results, indent=1))
-    Path(args.out + ".md").write_text(report(results, argv_shown))
+    atomic_write_bytes(args.out + ".json", json.dumps(results, indent=1).encode())
+    atomic_write_bytes(args.out + ".md", report(results, argv_shown).encode())
     print(report(results, argv_shown))
     return 0
 
