@@ -24,13 +24,7 @@ from pathlib import Path
 
 from pipeline.utils.driver import offline_mode  # noqa: E402
 
-offline_mode()  # before diffusers / transformers are imported (below)
-
-from pipeline.backbones import load_backbone  # noqa: E402
-from pipeline.evaluation import evaluate  # noqa: E402
-from pipeline.sampling import SamplerConfig  # noqa: E402
-from pipeline.toyworld.worlds import get_world  # noqa: E402
-from pipeline.utils.atomic import atomic_write_bytes  # noqa: E402
+offline_mode()  # before diffusers / transformers are imported (in _evaluate: --help and a busy --out stay quick)
 
 #: --world → the world registry's name (pipeline/toyworld/worlds.py)
 WORLDS = {"image": "toy", "video": "toy_video"}
@@ -65,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.world is None:
         args.world = _world_of_model(args.model) if args.model is not None else "image"
     if args.model is None:
+        from pipeline.toyworld.worlds import get_world
+
         args.model = get_world(WORLDS[args.world]).reference_dir
     return args
 
@@ -89,6 +85,12 @@ def main(argv=None) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.backbones import load_backbone
+    from pipeline.evaluation import evaluate
+    from pipeline.sampling import SamplerConfig
+    from pipeline.toyworld.worlds import get_world
+    from pipeline.utils.atomic import atomic_write_bytes
+
     if args.threads:
         import torch
 

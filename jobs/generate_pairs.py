@@ -33,10 +33,13 @@ def main(argv=None) -> int:
 
     offline_mode()  # before torch / diffusers / transformers / Ray are imported
     args = parse_args(argv)
+    from pipeline.utils.runlock import refuse_if_locked, run_lock
+
+    if not args.print_config:
+        refuse_if_locked(args.out, sibling=True)  # a busy --out is said at once, before the heavy imports
     from pipeline.cli import resolve
     from pipeline.preflight import check_generation
     from pipeline.data.generate import GenerationConfig, existing_output, generate
-    from pipeline.utils.runlock import run_lock
 
     cfg = resolve(args, GenerationConfig)
     check_generation(cfg)  # every input exists and fits, before Ray starts

@@ -38,11 +38,14 @@ def main(argv=None) -> int:
 
     offline_mode()  # before torch / diffusers / transformers / Ray are imported
     args = parse_args(argv)
+    from pipeline.utils.runlock import refuse_if_locked, run_lock
+
+    if not args.print_config:
+        refuse_if_locked(args.run_dir)  # a busy run directory is said at once, before the heavy imports
     from pipeline.cli import resolve
     from pipeline.preflight import check_rounds
     from pipeline.rounds import RESUMABLE, RoundsConfig, run_rounds
     from pipeline.utils.run_record import guard_run_dir
-    from pipeline.utils.runlock import run_lock
 
     cfg = resolve(args, RoundsConfig)
     check_rounds(cfg)  # every input exists and fits, before Ray starts

@@ -72,13 +72,16 @@ def main(argv=None) -> int:
 
     offline_mode()  # before torch / diffusers / transformers / Ray are imported
     args = parse_args(argv)
+    from pipeline.utils.runlock import refuse_if_locked, run_lock
+
+    if not args.print_config:
+        refuse_if_locked(args.out)  # a busy --out is said at once, before the heavy imports
     cfg = build(args)
     from pipeline.preflight import check_rounds
     from pipeline.sweep import RESUMABLE, run_sweep
 
     check_rounds(cfg.trial_rounds())  # every input exists and fits, before Ray starts
     from pipeline.utils.run_record import guard_run_dir
-    from pipeline.utils.runlock import run_lock
 
     with run_lock(args.out):  # one sweep per output folder; clears killed writes' leftovers
         guard_run_dir(args.out.resolve(), cfg, job="sweep", resumable=RESUMABLE)  # before Ray starts

@@ -33,6 +33,33 @@ def pytest_unconfigure(config):
         os._exit(_session_exit_status[-1])
 
 
+def start_test_ray() -> None:
+    """This process's private local Ray (never a cluster someone else started on this machine), started on first
+    use and kept for the rest of the session (``_ray_session`` stops it): a start and a stop per test module cost
+    more than the module's own work in the small ones. A test that needs another Ray (a simulated cluster, a
+    job's own local instance in a subprocess) shuts this one down or runs beside it; the next user restarts it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_session():
+    """Stops the session's Ray at the end (the exit below skips Python's atexit hooks)."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """The session's local Ray, for a module whose tests run Ray in this process."""
+    start_test_ray()
+
+
 @pytest.fixture(scope="session")
 def tiny_toy_model_dir(tmp_path_factory):
     """The toy reference architecture with random weights, saved in the model-folder format. ε-prediction: a
@@ -58,36 +85,22 @@ def tiny_toy_backbone(tiny_toy_model_dir):
 @pytest.fixture(scope="session")
 def tiny_pairs_dataset(tiny_toy_model_dir, tmp_path_factory):
     """A small DDSPO pairs dataset (8 prompts) from the tiny model: a generate_pairs.py output folder (manifest.json +
-    pairs/), generated once per session; tests only read it (one that corrupts it works on a copy). Generated on
-    the Ray this process already runs (``tiny_pairs`` starts it first), else on a private local Ray stopped after."""
-    import ray
-
+    pairs/), generated once per session on the session's local Ray; tests only read it (one that corrupts it works
+    on a copy)."""
     from pipeline.data.generate import GenerationConfig, generate
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
-    try:
-        out = tmp_path_factory.mktemp("pairs") / "ddspo"
-        generate(GenerationConfig(model=str(tiny_toy_model_dir), strategy="ddspo-paired", prompt_limit=8, batch_size=8,
-                                  sampler={"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}), out)
-    finally:
-        if started:
-            ray.shutdown()
+    start_test_ray()
+    out = tmp_path_factory.mktemp("pairs") / "ddspo"
+    generate(GenerationConfig(model=str(tiny_toy_model_dir), strategy="ddspo-paired", prompt_limit=8, batch_size=8,
+                              sampler={"num_steps": 2, "guidance_scale": 2.0, "eta": 1.0, "batch_size": 8}), out)
     return out
 
 
 @pytest.fixture(scope="module")
-def tiny_pairs(request):
-    """The session's tiny pairs (``tiny_pairs_dataset``'s Parquet folder ``pairs/``), with a private local Ray that
-    stays up for the module (Ray Train runs on it)."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-    try:
-        yield request.getfixturevalue("tiny_pairs_dataset") / "pairs"  # generated on this Ray if not yet
-    finally:
-        ray.shutdown()
+def tiny_pairs(local_ray, tiny_pairs_dataset):
+    """The session's tiny pairs (``tiny_pairs_dataset``'s Parquet folder ``pairs/``), with the session's local Ray
+    up (Ray Train runs on it)."""
+    return tiny_pairs_dataset / "pairs"
 
 
 @pytest.fixture()

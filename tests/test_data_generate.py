@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 from pipeline.data.generate import GenerationConfig, generate
 from pipeline.data.schema import MANIFEST, latents_of, read_pairs
@@ -18,11 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import generate_pairs  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # the session's local Ray (conftest.py)
 
 
 def small(model_dir, **kw):

@@ -326,20 +326,14 @@ def test_a_deterministic_worker_error_fails_at_once_without_retries(tiny_pairs, 
     workers (a retried failure would surface as Ray's own error after max_failures restarts)."""
     import shutil
 
-    import ray
-
     from pipeline.training.trainer import TrainingFailed, run_training
 
     broken = tmp_path / "no_unet"
     shutil.copytree(tiny_toy_model_dir, broken)
     shutil.rmtree(broken / "unet")
     cfg = TrainConfig(model=str(broken), max_steps=2, batch_size=2)
-    ray.init(address="local", num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-    try:
-        with pytest.raises(TrainingFailed, match=r"FileNotFoundError: .*no_unet.*unet/"):
-            run_training(cfg, tiny_pairs, tmp_path / "ray", "broken", max_failures=2)
-    finally:
-        ray.shutdown()
+    with pytest.raises(TrainingFailed, match=r"FileNotFoundError: .*no_unet.*unet/"):
+        run_training(cfg, tiny_pairs, tmp_path / "ray", "broken", max_failures=2)  # on the session's Ray
 
 
 @pytest.mark.slow

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 from pipeline.backbones import load_backbone
 from pipeline.rounds import RoundsConfig, run_rounds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import iterative_sipo  # noqa: E402
+from conftest import start_test_ray  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_job_config_errors_name_the_field(capsys, tmp_path):
 def test_two_lora_rounds_roll_out_and_train_from_the_adapter(tiny_toy_model_dir, tmp_path, monkeypatch):
     """Round 1 samples from round 0's LoRA policy and trains on from it — with round 0's AdamW state, on its
     own and round 0's pairs, the checkpoint chosen on validation prompts; the export merges the adapter."""
-    ray.init(num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    start_test_ray()
     cfg = RoundsConfig(
         model=str(tiny_toy_model_dir), rounds=2, carry_optimizer=True, replay=1, lr_decay=0.5,
         select={"name": "validation", "num_prompts": 2, "samples": 1, "include_start": False},
@@ -101,7 +101,6 @@ def test_two_lora_rounds_roll_out_and_train_from_the_adapter(tiny_toy_model_dir,
     assert (run / "final_model" / "unet_lora").is_dir()
     final = load_backbone(run / "final_model")  # adapter merged: a plain model folder
     assert not any("lora_" in n for n, _ in final.denoiser.named_parameters())
-    ray.shutdown()
 
 
 def test_refresh_with_lora_is_refused():

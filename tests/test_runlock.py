@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.utils.atomic import RUN_LOCK_NAME, atomic_directory, clean_stale_temporaries, is_complete
-from pipeline.utils.runlock import RunDirLocked, lock_file_for, read_holder, run_lock
+from pipeline.utils.runlock import RunDirLocked, lock_file_for, read_holder, refuse_if_locked, run_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = """
@@ -212,3 +212,14 @@ def test_atomic_directory_still_works_beside_the_cleanup(tmp_path):
             (tmp / "a").write_text("1")
     assert is_complete(tmp_path / "run" / "out")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["out"]
+
+
+def test_the_early_check_creates_nothing_and_refuses_only_a_held_lock(tmp_path):
+    run = tmp_path / "run"
+    refuse_if_locked(run)  # no folder, no lock file: nothing to refuse, nothing created
+    assert not run.exists()
+    with run_lock(run):
+        with pytest.raises(RunDirLocked, match=f"pid {os.getpid()} on host"):
+            refuse_if_locked(run)
+    (run / RUN_LOCK_NAME).write_text('{"pid": 1}')  # a lock file nobody holds (a killed job's): not refused
+    refuse_if_locked(run)

@@ -23,11 +23,8 @@ SAMPLER = {"num_steps": 2, "guidance_scale": 3.0, "eta": 1.0, "batch_size": 16}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    """A private local Ray (never a cluster someone else started on this machine) for the module."""
-    ray.init(address="local", num_cpus=2, ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
-    yield
-    ray.shutdown()
+def _module_ray(local_ray):
+    """The session's private local Ray (conftest.py), for the module."""
 
 
 def _rounds(model, **train) -> dict:

@@ -19,10 +19,11 @@ SD-style folder does (:class:`pipeline.backbones.unet.UNetBackbone`):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from diffusers import DDPMScheduler, UNet2DConditionModel
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+if TYPE_CHECKING:  # the builders import them: REFERENCE_DIR and the constants stay cheap to import
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
 from .grammar import COLOURS, COUNT_WORDS, POSITION_PHRASES, SHAPES
 
@@ -46,6 +47,9 @@ def vocabulary(phrases: dict[str, str] = POSITION_PHRASES) -> list[str]:
 
 def build_tokenizer(words: list[str] | None = None, max_length: int = TEXT_LENGTH) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over ``words`` (default: this world's :func:`vocabulary`)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {w: i for i, w in enumerate(words or vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -59,6 +63,8 @@ def build_tokenizer(words: list[str] | None = None, max_length: int = TEXT_LENGT
 
 
 def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     ids = {w: i for i, w in enumerate(vocabulary())}
     config = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -69,6 +75,8 @@ def build_text_encoder(vocab_size: int) -> CLIPTextModel:
 
 
 def build_unet() -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+
     return UNet2DConditionModel(
         sample_size=IMAGE_SIZE, in_channels=3, out_channels=3,
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
@@ -84,6 +92,8 @@ PREDICTION_TYPES = ("v_prediction", "epsilon")
 
 def build_scheduler(prediction_type: str = "v_prediction") -> DDPMScheduler:
     """v-prediction on zero-terminal-SNR betas (the default), or the ε-prediction linear schedule."""
+    from diffusers import DDPMScheduler
+
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")
     v = prediction_type == "v_prediction"

@@ -104,6 +104,30 @@ def _acquire(lock_file: Path, path: Path) -> tuple[int, dict]:
         os.close(fd)  # a releasing holder unlinked it between our open and flock: open the new one
 
 
+def refuse_if_locked(path: str | Path, *, sibling: bool = False) -> None:
+    """Raise :class:`RunDirLocked` now if a live process holds ``path``'s lock; create nothing.
+
+    A cheap early check for the jobs, before they import the model libraries and resolve their config: a second
+    job on a busy run directory is told so at once. :func:`run_lock` remains the lock that counts (the holder may
+    finish, or another job start, between this check and that one)."""
+    path = Path(path)
+    lock_file = lock_file_for(path, sibling=sibling)
+    try:
+        fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # no lock file (or no folder): nobody holds it
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunDirLocked(path, lock_file, _read_fd(fd)) from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def run_lock(path: str | Path, *, sibling: bool = False, clean: bool = True,
              log: Callable[[str], None] | None = None) -> Iterator[Path]:

@@ -5,8 +5,7 @@ Videos are ``(N, 3, F, H, W)`` float tensors in [-1, 1] (the project's video lay
 ``from_tensor`` convert from / to the renderer's uint8 ``(N, F, H, W, 3)``. See docs/toyworld.md.
 
 The reference text-to-video model (:mod:`.reference`, a pixel-space Wan folder) is imported on first use of
-``VIDEO_REFERENCE_DIR`` from here: its module imports diffusers, which the reward (this package's detector) does
-not need.
+``VIDEO_REFERENCE_DIR`` from here: the reward (this package's detector) does not need it.
 """
 
 from .detector import (DIMENSIONS, VideoDetection, VideoScoreResult, detect, detect_batch, judge,

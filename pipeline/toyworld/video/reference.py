@@ -24,8 +24,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the builders import them: VIDEO_REFERENCE_DIR and the constants stay cheap to import
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
 from .. import reference as image_reference
 from .grammar import MOTION_PHRASES
@@ -54,6 +57,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_text_encoder(vocab_size: int | None = None) -> CLIPTextModel:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     ids = {w: i for i, w in enumerate(vocabulary())}
     config = CLIPTextConfig(
         vocab_size=vocab_size or len(ids), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
@@ -65,6 +70,8 @@ def build_text_encoder(vocab_size: int | None = None) -> CLIPTextModel:
 
 def build_transformer(**overrides) -> WanTransformer3DModel:
     """The pixel-space denoiser; ``overrides`` change the size (throughput measurements, tiny test models)."""
+    from diffusers import WanTransformer3DModel
+
     kw = {**TRANSFORMER, **overrides}
     return WanTransformer3DModel(
         patch_size=PATCH_SIZE, in_channels=3, out_channels=3, text_dim=TEXT_WIDTH, rope_max_seq_len=32, **kw,
@@ -72,4 +79,6 @@ def build_transformer(**overrides) -> WanTransformer3DModel:
 
 
 def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
