@@ -169,6 +169,7 @@ class Bench:
                                    min_reward_gap=b.min_reward_gap, batch_size=b.gen_batch, num_actors=b.gen_actors,
                                    write_png=False, sampler={"num_steps": b.rollout_steps, "guidance_scale": 3.0,
                                                              "eta": 1.0, "batch_size": b.gen_batch})
+            ensure_ray()
             generate(cfg, self.work / "data" / kind)
             table = read_pairs(self.work / "data" / kind / "pairs")
             if table.num_rows < b.batch_size:
@@ -241,6 +242,15 @@ class Bench:
         out = {**compute(), "key": key}
         atomic_write_bytes(path, json.dumps(out).encode())
         return out
+
+
+def ensure_ray() -> None:
+    """Start the local Ray on first need: a rerun whose arms and pairs are all cached trains in this process and
+    never starts it."""
+    import ray
+
+    if not ray.is_initialized():
+        start_ray(num_cpus=2)
 
 
 def describe_arm(objective: dict) -> str:
@@ -392,6 +402,7 @@ def part_online(bench: Bench, sweep: dict, seed: int) -> dict:
         if name != ONLINE_ARMS[0] and is_complete(first) and not (run_dir / "reference_eval").exists():
             # the same model, held-out prompts and seeds for both arms: the first arm's reference evaluation is theirs
             shutil.copytree(first, run_dir / "reference_eval")
+        ensure_ray()
         run_rounds(cfg, run_dir, log=bench.log)
         out[name] = {"objective": tree["train"]["objective"],
                      "reference": load_eval(run_dir / "reference_eval")["rewards"],
@@ -776,7 +787,6 @@ def main(argv=None) -> int:
         vb, model = video_budget(b), resolve_model(f"{VIDEO_WORLD}:reference")
         guard_run_dir(work / VIDEO_WORLD, {"model": model, "budget": asdict(vb)}, job="claims")
         benches["video"] = Bench(model, work / VIDEO_WORLD, vb, log, world=VIDEO_WORLD)
-    start_ray(num_cpus=2)
     for part in names:
         run_part(part, benches["video" if part == "video" else "image"], args.out)
     import ray

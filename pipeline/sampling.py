@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .backbones.base import Backbone, cat_conditioning
 from .objectives import Parameterization
+
+if TYPE_CHECKING:  # imported where used: the jobs read SamplerConfig (their config trees) without diffusers
+    from diffusers import DDIMScheduler
+
+    from .backbones.base import Backbone
 
 
 @dataclass
@@ -60,6 +63,10 @@ def _noise(shape, generators: Sequence[torch.Generator]) -> Tensor:
 @torch.no_grad()
 def _sample_batch(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], cfg: SamplerConfig,
                   reference: bool) -> SampleOutput:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from .backbones.base import cat_conditioning
+
     device = backbone.device
     flow = backbone.process.parameterization is Parameterization.FLOW
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(backbone.scheduler_config) if flow else _ddim_scheduler(backbone)
@@ -102,6 +109,8 @@ def _ddim_scheduler(backbone: Backbone) -> DDIMScheduler:
 
     For SD-family configs the two tables agree and nothing changes; CogVideoX's schedulers shift ᾱ by
     ``snr_shift_scale``, which ``DDIMScheduler`` does not know, so its table is replaced by the process's."""
+    from diffusers import DDIMScheduler
+
     scheduler = DDIMScheduler.from_config(backbone.scheduler_config)
     trained = backbone.process.alphas.pow(2)
     if not torch.allclose(scheduler.alphas_cumprod.double(), trained, rtol=1e-5, atol=1e-7):
