@@ -787,11 +787,13 @@ def main(argv=None) -> int:
         vb, model = video_budget(b), resolve_model(f"{VIDEO_WORLD}:reference")
         guard_run_dir(work / VIDEO_WORLD, {"model": model, "budget": asdict(vb)}, job="claims")
         benches["video"] = Bench(model, work / VIDEO_WORLD, vb, log, world=VIDEO_WORLD)
-    for part in names:
-        run_part(part, benches["video" if part == "video" else "image"], args.out)
     import ray
 
-    ray.shutdown()
+    ours = not ray.is_initialized()  # a Ray this run starts (ensure_ray) is stopped at its end; another one is not
+    for part in names:
+        run_part(part, benches["video" if part == "video" else "image"], args.out)
+    if ours and ray.is_initialized():
+        ray.shutdown()
     return render(args.out, b, args.quick)
 
 

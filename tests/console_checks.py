@@ -1,4 +1,4 @@
-"""What a quiet console means, shared by the tests that run a job and read its output (tests/test_console.py,
+"""What a quiet console means, shared by the tests that run a job and read its output (tests/test_train_job.py,
 tests/test_offline.py): the job prints its own progress lines; Ray's operator dumps and notices stay in its logs."""
 
 #: What Ray Data and Ray Train/Tune print when left alone (operator status blocks, progress bars, banners).

@@ -1,16 +1,9 @@
-"""A quiet console: the jobs print their own progress lines, Ray's operator dumps and notices stay in its logs."""
+"""A quiet console: the progress helpers the jobs print with (the jobs' own consoles are checked where they run:
+tests/test_train_job.py, tests/test_offline.py)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
-from console_checks import ray_lines
 from pipeline.utils.progress import Stage, bar, duration, tail_training
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_duration():
@@ -60,24 +53,3 @@ def test_tail_training_prints_new_step_lines_and_a_final_line(tmp_path):
     assert lines[1].startswith("train · step 6/6 · loss 0.652 · acc 0.61 · 9.8 pairs/s")
     assert "ETA" not in lines[1]
     assert lines[2].startswith("train · done · step 6/6 in ") and len(lines) == 3
-
-
-def _run(args: list[str], timeout: int = 600) -> list[str]:
-    run = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-6000:]
-    return output.rstrip("\n").split("\n")  # not splitlines(): a carriage return (a redrawn bar) stays in its line
-
-
-@pytest.mark.slow
-def test_the_train_job_prints_its_own_step_lines_and_not_rays(tiny_pairs_dataset, tiny_toy_model_dir, tmp_path):
-    """(The generation job's console is checked on the offline run: tests/test_offline.py.)"""
-    out = tmp_path / "train"
-    train = _run(["jobs/train.py", "--pairs", str(tiny_pairs_dataset), "--out", str(out), "--num-cpus", "2",
-                  "--set", f"model={tiny_toy_model_dir}", "max_steps=4", "log_every=2", "batch_size=2"])
-    assert not ray_lines(train), train
-    steps = [line for line in train if "train · step " in line]
-    assert [line.split("train · ")[1].split(" · ")[0] for line in steps] == ["step 2/4", "step 4/4"], train
-    assert all(" · loss " in line and " pairs/s" in line for line in steps), train
-    assert any("train · done · step 4/4 in " in line for line in train), train
-    assert len(train) <= 12, train

@@ -1,4 +1,4 @@
-"""jobs/train.py end to end on a tiny model: outputs, the exported folder, resume on rerun, LoRA, bad input."""
+"""jobs/train.py end to end on a tiny model: its console, outputs, the exported folder, resume on rerun, LoRA, bad input."""
 
 import json
 import subprocess
@@ -14,6 +14,7 @@ from pipeline.backbones import load_backbone
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
 import train  # noqa: E402
+from console_checks import ray_lines  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +38,21 @@ def predict(backbone):
 
 
 @pytest.mark.slow
-def test_train_job_writes_everything_exports_and_resumes(pairs_dir, tiny_toy_model_dir, tmp_path):
+def test_train_job_prints_its_steps_writes_everything_exports_and_resumes(pairs_dir, tiny_toy_model_dir, tmp_path):
+    """The job as a user runs it (its own local Ray): its console holds its own step lines and none of Ray's; then
+    the outputs, the export, a resume in this process and a refused config."""
     out = tmp_path / "out"
-    assert train.main(["--pairs", str(pairs_dir), "--out", str(out), "--set", *settings(tiny_toy_model_dir)]) == 0
+    run = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--pairs", str(pairs_dir), "--out", str(out),
+                          "--num-cpus", "2", "--set", *settings(tiny_toy_model_dir)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    console = (run.stdout + run.stderr).rstrip("\n").split("\n")  # not splitlines(): a redrawn bar's \r stays
+    assert run.returncode == 0, console[-60:]
+    assert not ray_lines(console), console
+    steps = [line for line in console if "train · step " in line]
+    assert [line.split("train · ")[1].split(" · ")[0] for line in steps] == ["step 1/2", "step 2/2"], console
+    assert all(" · loss " in line and " pairs/s" in line for line in steps), console
+    assert any("train · done · step 2/2 in " in line for line in console), console
+    assert len(console) <= 12, console
     for f in ("policy.safetensors", "metrics.json", "metrics.csv", "curves.png", "train.json", "model/unet/config.json"):
         assert (out / f).exists(), f
     history = json.loads((out / "metrics.json").read_text())
