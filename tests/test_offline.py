@@ -189,13 +189,11 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-def test_local_start_is_loopback_and_its_workers_inherit_the_offline_env(clean_env):
+def test_local_start_is_loopback_and_passes_the_offline_env_to_workers(clean_env):
     kw = ray_init_kwargs(num_cpus=2)
     assert kw["_node_ip_address"] == "127.0.0.1" and kw["dashboard_host"] == "127.0.0.1"
     assert kw["include_dashboard"] is False and kw["num_cpus"] == 2
-    # no runtime_env: the local raylet and its workers inherit the driver's environment, which start_ray makes
-    # offline (the job test below checks every worker's environment)
-    assert "runtime_env" not in kw
+    assert kw["runtime_env"] == {"env_vars": OFFLINE_ENV}
     assert {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"} <= set(OFFLINE_ENV)
 
 

@@ -82,20 +82,17 @@ def _submitted_env_vars() -> set[str]:
 def ray_init_kwargs(num_cpus: int | None = None, node_ip_address: str | None = None) -> dict:
     """The ``ray.init`` arguments of :func:`start_ray` (separate so that tests can check them).
 
-    Always: no dashboard, worker logs kept in Ray's log files. Joining a cluster: the offline variables as
-    ``runtime_env`` ``env_vars`` (minus any the submitted job already sets), and none of the local-start
-    arguments. A local start binds to ``node_ip_address``, else ``$PIPELINE_RAY_NODE_IP``, else ``127.0.0.1``
-    (dashboard host the same) and passes no ``runtime_env``: the raylet it starts inherits this process's
-    environment, where :func:`start_ray` has set the offline variables, and every worker inherits the raylet's.
-    A ``runtime_env`` would route every new worker process (each actor, each Ray Train worker) through Ray's
-    runtime-env agent and keep it out of the pool of prestarted workers, a start-up cost paid many times a round.
+    Always: the offline variables as ``runtime_env`` ``env_vars`` (minus any the submitted job already sets),
+    no dashboard, worker logs kept in Ray's log files. A local start also binds to ``node_ip_address``, else
+    ``$PIPELINE_RAY_NODE_IP``, else ``127.0.0.1`` (dashboard host the same); joining a cluster passes none of
+    the local-start arguments.
     """
+    taken = _submitted_env_vars()
+    env_vars = {k: v for k, v in OFFLINE_ENV.items() if k not in taken}
     kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": False, "include_dashboard": False}
+    if env_vars:
+        kwargs["runtime_env"] = {"env_vars": env_vars}
     if joins_cluster():
-        taken = _submitted_env_vars()
-        env_vars = {k: v for k, v in OFFLINE_ENV.items() if k not in taken}
-        if env_vars:
-            kwargs["runtime_env"] = {"env_vars": env_vars}
         return kwargs
     node_ip = node_ip_address or os.environ.get(NODE_IP_ENV) or LOOPBACK
     kwargs.update(num_cpus=num_cpus, _node_ip_address=node_ip, dashboard_host=node_ip)
