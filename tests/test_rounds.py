@@ -13,7 +13,6 @@ from pipeline.rounds import RoundsConfig, run_rounds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import iterative_sipo  # noqa: E402
-from conftest import start_test_ray  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -56,10 +55,9 @@ def test_job_config_errors_name_the_field(capsys, tmp_path):
     assert done.value.code == 0 and "lr: 3.0e-05" in capsys.readouterr().out
 
 
-def test_two_lora_rounds_roll_out_and_train_from_the_adapter(tiny_toy_model_dir, tmp_path, monkeypatch):
+def test_two_lora_rounds_roll_out_and_train_from_the_adapter(local_ray, tiny_toy_model_dir, tmp_path, monkeypatch):
     """Round 1 samples from round 0's LoRA policy and trains on from it — with round 0's AdamW state, on its
     own and round 0's pairs, the checkpoint chosen on validation prompts; the export merges the adapter."""
-    start_test_ray()
     cfg = RoundsConfig(
         model=str(tiny_toy_model_dir), rounds=2, carry_optimizer=True, replay=1, lr_decay=0.5,
         select={"name": "validation", "num_prompts": 2, "samples": 1, "include_start": False},

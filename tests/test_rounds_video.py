@@ -24,7 +24,6 @@ VIDEO_SIZE = (4, 16, 16)  # frames, height, width of the tiny model's clips
 
 sys.path.insert(0, str(ROOT / "jobs"))
 import iterative_sipo  # noqa: E402
-from conftest import start_test_ray  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ the registry
@@ -143,7 +142,7 @@ def test_engine_trains_on_video_latents(tiny_wan_dir):
 
 
 @pytest.mark.slow
-def test_one_video_round_end_to_end(tiny_wan_dir, tmp_path):
+def test_one_video_round_end_to_end(local_ray, tiny_wan_dir, tmp_path):
     """configs/toy_video.yaml shrunk to seconds, on the tiny model: Ray Data rollouts of videos scored by the toy video
     reward, Ray Train on 5-D latents, the held-out evaluation per dimension, the paired frame-strip grid."""
     from pipeline.evaluation import load_samples
@@ -156,7 +155,6 @@ def test_one_video_round_end_to_end(tiny_wan_dir, tmp_path):
                    "generation.batch_size=6", "generation.num_actors=1", f"generation.sampler={sampler}",
                    "train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=2", "train.log_every=1",
                    "eval.num_prompts=3", "eval.samples=2", f"eval.sampler={sampler}")
-    start_test_ray()
     rows = run_rounds(cfg, tmp_path / "run", log=lambda *_: None)
     run = tmp_path / "run"
     manifest = json.loads((run / "round_0" / "pairs_manifest.json").read_text())

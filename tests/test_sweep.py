@@ -17,14 +17,9 @@ import sweep  # noqa: E402
 
 from pipeline.toyworld.reference import REFERENCE_DIR  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]  # local_ray: the session's Ray (conftest.py)
 
 SAMPLER = {"num_steps": 2, "guidance_scale": 3.0, "eta": 1.0, "batch_size": 16}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _module_ray(local_ray):
-    """The session's private local Ray (conftest.py), for the module."""
 
 
 def _rounds(model, **train) -> dict:
@@ -72,7 +67,7 @@ def _resources_released(timeout_s: float = 30.0) -> bool:
 
 
 @pytest.fixture(scope="module")
-def grid_sweep(tmp_path_factory):
+def grid_sweep(local_ray, tmp_path_factory):
     """A grid sweep built so ASHA must stop its second trial; returns (folder, config).
 
     Trials run one at a time in grid order (β = 1e-12 first). With β = 1e-12 the gradient is ~1e-12, so Adam

@@ -81,6 +81,18 @@ def _same_file(fd: int, path: Path) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def _holder_record(fd: int) -> dict:
+    """The record of the process holding the flock on ``fd``'s file; it writes it right after taking the flock,
+    so an empty file is read again for a moment."""
+    holder = _read_fd(fd)
+    for _ in range(20):
+        if holder:
+            break
+        time.sleep(0.05)
+        holder = _read_fd(fd)
+    return holder
+
+
 def _acquire(lock_file: Path, path: Path) -> tuple[int, dict]:
     """Open and flock ``lock_file``; returns (fd, the previous record if the file was left behind)."""
     while True:
@@ -91,12 +103,7 @@ def _acquire(lock_file: Path, path: Path) -> tuple[int, dict]:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 os.close(fd)
                 raise
-            holder = _read_fd(fd)
-            for _ in range(20):  # the holder writes its record right after taking the flock
-                if holder:
-                    break
-                time.sleep(0.05)
-                holder = _read_fd(fd)
+            holder = _holder_record(fd)
             os.close(fd)
             raise RunDirLocked(path, lock_file, holder) from None
         if _same_file(fd, lock_file):
@@ -122,7 +129,7 @@ def refuse_if_locked(path: str | Path, *, sibling: bool = False) -> None:
         except OSError as err:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            raise RunDirLocked(path, lock_file, _read_fd(fd)) from None
+            raise RunDirLocked(path, lock_file, _holder_record(fd)) from None
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

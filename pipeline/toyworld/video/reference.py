@@ -23,7 +23,6 @@ this file.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the builders import them: VIDEO_REFERENCE_DIR and the constants stay cheap to import
