@@ -380,10 +380,12 @@ def part_online(bench: Bench, sweep: dict, seed: int) -> dict:
     ``online_rounds`` rounds (fixed reference, a fresh optimizer per round, the settings of the first embedded
     default, recipe ``toy-one-round``, otherwise) with rollouts and training seeded by ``seed``; per round the
     held-out rewards of the job's own evaluation (the same prompts and sample seeds for both arms and every round)."""
+    from pipeline.data.generate import generate
     from pipeline.recipes import recipe
     from pipeline.rounds import RoundsConfig, load_eval, run_rounds
 
     b, out = bench.b, {}
+    shared = bench.work / f"online-{seed}" / "round_0_pairs"
     for name in ONLINE_ARMS:
         tree = merge(recipe("toy-one-round"), {
             "model": bench.model, "rounds": b.online_rounds,
@@ -398,16 +400,31 @@ def part_online(bench: Bench, sweep: dict, seed: int) -> dict:
                      "sampler": {"num_steps": b.eval_steps}}})
         cfg = build(RoundsConfig, tree)
         run_dir = bench.work / f"online-{seed}" / name
-        first = bench.work / f"online-{seed}" / ONLINE_ARMS[0] / "reference_eval"
-        if name != ONLINE_ARMS[0] and is_complete(first) and not (run_dir / "reference_eval").exists():
+        first = bench.work / f"online-{seed}" / ONLINE_ARMS[0]
+        if name != ONLINE_ARMS[0]:
             # the same model, held-out prompts and seeds for both arms: the first arm's reference evaluation is theirs
-            shutil.copytree(first, run_dir / "reference_eval")
+            _share(first / "reference_eval", run_dir / "reference_eval")
         ensure_ray()
+        if not (run_dir / "round_0").exists():
+            # round 0 rolls out the reference with the same generation config in both arms: one dataset, made once
+            # and handed to each arm's round (its generator reuses a finished dataset whose fingerprint is its config's)
+            generate(cfg.generation_config(0, ""), shared)
+            _share(shared, run_dir / ".round_0.work" / "pairs")
         run_rounds(cfg, run_dir, log=bench.log)
         out[name] = {"objective": tree["train"]["objective"],
                      "reference": load_eval(run_dir / "reference_eval")["rewards"],
                      "rounds": [load_eval(run_dir / f"round_{k}")["rewards"] for k in range(b.online_rounds)]}
     return {"seed": seed, "arms": out}
+
+
+def _share(src: Path, dst: Path) -> None:
+    """Copy a finished output (a marked atomic directory) to where a run would compute the same one, whole or not
+    at all (copied beside it, then renamed)."""
+    if is_complete(src) and not dst.exists():
+        tmp = dst.with_name(f".{dst.name}.copy")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        tmp.rename(dst)
 
 
 # ------------------------------------------------------------------------------------------------ claims
