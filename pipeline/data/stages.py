@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backbones import load_backbone
 from ..rewards import build_reward
 from ..sampling import SamplerConfig, sample
 from .perturb import PERTURBATIONS, LLMRewriter, perturb
@@ -48,6 +47,8 @@ class GenerateImages:
 
     def __init__(self, model: str, sampler: dict, columns: dict[str, str], *, use_reference: bool = False,
                  torch_threads: int = 0, write_png: bool = True, weights: str = "", lora_rank: int = 0):
+        from ..backbones import load_backbone  # here, not at the top: the scoring actors import this module too
+
         if torch_threads:
             torch.set_num_threads(torch_threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
