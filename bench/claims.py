@@ -647,10 +647,21 @@ def _sdpo_section(part: dict | None, b: Budget) -> list[str]:
                 "output-space λ acts on the loss itself.", ""]
 
 
+def _subset_note(split: str, n: int) -> str:
+    """What a ``prompt_limit`` of ``n`` leaves out of an image-world split: it keeps the first N prompts, and the
+    grammar lists them colour by colour (docs/rounds.md)."""
+    from pipeline.toyworld.worlds import get_world
+
+    specs = get_world("toy").specs(split)
+    missing = sorted({s.colour for s in specs} - {s.colour for s in specs[:n]}) if 0 < n < len(specs) else []
+    return (f" (the split's first {n} of {len(specs)}, with no {' or '.join(missing)} prompt: `prompt_limit` keeps an "
+            "image-world split's first N, docs/rounds.md)") if missing else ""
+
+
 def _online_section(o: dict | None, b: Budget) -> list[str]:
     L = ["## SIPO Fig. A1 — online rounds (the product's round loop)", "",
-         f"`pipeline/rounds.py: run_rounds`, {b.online_rounds} rounds, {b.online_prompts} `toy:fit` prompts × "
-         f"{b.samples_per_prompt} rollouts per round, {b.online_steps} steps × {b.batch_size}, fixed reference, a fresh "
+         f"`pipeline/rounds.py: run_rounds`, {b.online_rounds} rounds, {b.online_prompts} `toy:fit` prompts"
+         f"{_subset_note('fit', b.online_prompts)} × {b.samples_per_prompt} rollouts per round, {b.online_steps} steps × {b.batch_size}, fixed reference, a fresh "
          f"optimizer per round, each arm at its best β; held-out: the job's evaluation, {b.online_eval_samples} sample "
          f"seeds per prompt; intervals over prompts of the seed-averaged difference, seeds {list(b.online_seeds)}.", ""]
     if o is None:

@@ -47,7 +47,9 @@ TOY_ROUNDS: dict[str, Any] = {
 
 #: The sweep's default (jobs/sweep.py): round 0 of a shortened TOY_ONE_ROUND (96 prompts, 100 steps) as 2
 #: segments, a 2×2 grid over μ (null = the safeguard off) and β, each segment scored on 16 held-out prompts ×
-#: 2 seeds, so that the sweep fits about 10 minutes on a 2-core machine.
+#: 2 seeds, so that the sweep fits about 10 minutes on a 2-core machine. ``prompt_limit`` keeps a split's first N
+#: prompts, listed colour by colour: these 96 hold no cyan, blue or magenta prompt, the 16 held-out ones only cyan
+#: and yellow of the split's four colours (docs/rounds.md).
 TOY_SWEEP: dict[str, Any] = {
     "rounds": {**TOY_ONE_ROUND, "generation": {**TOY_ONE_ROUND["generation"], "prompt_limit": 96},
                "train": {**TOY_ONE_ROUND["train"], "max_steps": 100}},
