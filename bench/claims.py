@@ -59,7 +59,7 @@ from pipeline.sampling import SamplerConfig
 from pipeline.stats import describe, paired_over_seeds, t_band, t_interval, verdict
 from pipeline.toyworld.reference import REFERENCE_DIR
 from pipeline.training import PairData, TrainConfig, train_in_process
-from pipeline.utils.atomic import atomic_write_bytes, is_complete
+from pipeline.utils.atomic import atomic_directory, atomic_write_bytes, is_complete
 from pipeline.utils.machine import describe_machine
 from pipeline.utils.plots import plot_bands
 from pipeline.utils.run_record import guard_run_dir
@@ -418,13 +418,11 @@ def part_online(bench: Bench, sweep: dict, seed: int) -> dict:
 
 
 def _share(src: Path, dst: Path) -> None:
-    """Copy a finished output (a marked atomic directory) to where a run would compute the same one, whole or not
-    at all (copied beside it, then renamed)."""
+    """Copy a finished output (a marked atomic directory, marker included) to where a run would compute the same
+    one, whole or not at all."""
     if is_complete(src) and not dst.exists():
-        tmp = dst.with_name(f".{dst.name}.copy")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        tmp.rename(dst)
+        with atomic_directory(dst) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------ claims
@@ -648,21 +646,22 @@ def _sdpo_section(part: dict | None, b: Budget) -> list[str]:
 
 
 def _subset_note(split: str, n: int) -> str:
-    """What a ``prompt_limit`` of ``n`` leaves out of an image-world split: it keeps the first N prompts, and the
-    grammar lists them colour by colour (docs/rounds.md)."""
+    """The colours a ``prompt_limit`` of ``n`` leaves out of an image-world split (the world's own subset, ``World.
+    prompts``: the first N, and the grammar lists prompts colour by colour; docs/rounds.md)."""
     from pipeline.toyworld.worlds import get_world
 
-    specs = get_world("toy").specs(split)
-    missing = sorted({s.colour for s in specs} - {s.colour for s in specs[:n]}) if 0 < n < len(specs) else []
-    return (f" (the split's first {n} of {len(specs)}, with no {' or '.join(missing)} prompt: `prompt_limit` keeps an "
-            "image-world split's first N, docs/rounds.md)") if missing else ""
+    world = get_world("toy")
+    colours = [world.as_spec(t).colour for t in world.prompts(split)]
+    missing = sorted(set(colours) - {world.as_spec(t).colour for t in world.prompts(split, limit=n)})
+    return (f" ({n} of the split's {len(colours)}, with no {' or '.join(missing)} prompt: docs/rounds.md)"
+            if missing else "")
 
 
 def _online_section(o: dict | None, b: Budget) -> list[str]:
     L = ["## SIPO Fig. A1 — online rounds (the product's round loop)", "",
          f"`pipeline/rounds.py: run_rounds`, {b.online_rounds} rounds, {b.online_prompts} `toy:fit` prompts"
-         f"{_subset_note('fit', b.online_prompts)} × {b.samples_per_prompt} rollouts per round, {b.online_steps} steps × {b.batch_size}, fixed reference, a fresh "
-         f"optimizer per round, each arm at its best β; held-out: the job's evaluation, {b.online_eval_samples} sample "
+         f"{_subset_note('fit', b.online_prompts)} × {b.samples_per_prompt} rollouts per round, {b.online_steps} "
+         f"steps × {b.batch_size}, fixed reference, a fresh optimizer per round, each arm at its best β; held-out: the job's evaluation, {b.online_eval_samples} sample "
          f"seeds per prompt; intervals over prompts of the seed-averaged difference, seeds {list(b.online_seeds)}.", ""]
     if o is None:
         return L + _missing("online-0")
