@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output dataset folder")
     from pipeline.cli import add_config_args
 
-    add_config_args(p, default_recipe="defaults")
+    add_config_args(p, default_recipe="defaults", section="generation")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance (ignored on a cluster)")
     return p.parse_args(argv)
 

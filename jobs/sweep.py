@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs") / "sweep", help="output folder (reruns resume)")
-    add_config_args(p, default_recipe="toy-sweep")
+    add_config_args(p, default_recipe="toy-sweep", tree="sweep")
     p.add_argument("--rounds-config", type=Path,
                    help="a JSON/YAML RoundsConfig (e.g. an iterative_sipo config) to tune instead of the recipe's")
     p.add_argument("--search", choices=["grid", "optuna"], help="grid search or Optuna (same as --set search=...)")

@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output folder (policy, model/, metrics, curves)")
     from pipeline.cli import add_config_args
 
-    add_config_args(p, default_recipe="defaults")
+    add_config_args(p, default_recipe="defaults", section="train")
     p.add_argument("--storage", type=Path, help="Ray Train storage folder (default: OUT/ray_storage)")
     p.add_argument("--name", default="train", help="Ray Train run name inside the storage (default: train)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance (ignored on a cluster)")

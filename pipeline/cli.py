@@ -15,14 +15,19 @@ from typing import Any, TypeVar
 import yaml
 
 from .config import ConfigError, apply_overrides, build, merge, read_config_file, to_dict
-from .recipes import RECIPES, recipe
+from .recipes import recipe, recipes_for
 
 T = TypeVar("T")
 
 
-def add_config_args(parser: argparse.ArgumentParser, *, default_recipe: str) -> None:
-    parser.add_argument("--recipe", default=default_recipe, choices=sorted(RECIPES),
-                        help=f"named starting config (pipeline/recipes.py; default: {default_recipe})")
+def add_config_args(parser: argparse.ArgumentParser, *, default_recipe: str, tree: str = "rounds",
+                    section: str = "") -> None:
+    """The config options of a job whose config is a ``tree`` (``rounds``, ``sweep``), or one ``section`` of a rounds
+    config (``generation`` for jobs/generate_pairs.py, ``train`` for jobs/train.py)."""
+    where = f" (its {section} section)" if section else ""
+    parser.add_argument("--recipe", default=default_recipe, choices=recipes_for(tree, section),
+                        help=f"named starting config{where} (pipeline/recipes.py; default: {default_recipe})")
+    parser.set_defaults(recipe_section=section)
     parser.add_argument("--config", type=Path, help="JSON or YAML file, merged over the recipe")
     parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a field by its dotted path, e.g. train.lr=1e-4 (repeatable)")
@@ -35,7 +40,7 @@ def overrides_of(args: argparse.Namespace) -> list[str]:
 
 def config_data(args: argparse.Namespace, extra: list[str] = ()) -> dict[str, Any]:
     """The merged mapping (recipe ← file ← overrides) before it is built into a dataclass."""
-    data = recipe(args.recipe)
+    data = recipe(args.recipe, getattr(args, "recipe_section", ""))
     if args.config:
         data = merge(data, read_config_file(args.config))
     return apply_overrides(data, [*overrides_of(args), *extra])

@@ -69,10 +69,21 @@ RECIPES: dict[str, dict[str, Any]] = {
     "toy-sweep": TOY_SWEEP,
     "defaults": {},
 }
+#: The config tree each recipe is written for: a rounds recipe also configures jobs/generate_pairs.py and
+#: jobs/train.py through its ``generation`` and ``train`` sections (round 0's, before the round's own fields).
+TREES: dict[str, str] = {"toy-rounds": "rounds", "toy-one-round": "rounds", "toy-sweep": "sweep", "defaults": ""}
 
 
-def recipe(name: str) -> dict[str, Any]:
-    """A deep copy of a named recipe."""
+def recipe(name: str, section: str = "") -> dict[str, Any]:
+    """A deep copy of a named recipe, or of one ``section`` of a rounds recipe (``generation``, ``train``)."""
     if name not in RECIPES:
         raise KeyError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
-    return copy.deepcopy(RECIPES[name])
+    data = copy.deepcopy(RECIPES[name])
+    return data.get(section, {}) if section else data
+
+
+def recipes_for(tree: str, section: str = "") -> list[str]:
+    """The recipes a job may start from: those of its tree (``rounds``, ``sweep``), or the rounds recipes for a
+    job configured by one section of them; ``defaults`` always."""
+    want = "rounds" if section else tree
+    return sorted(name for name, kind in TREES.items() if kind in ("", want))

@@ -54,3 +54,28 @@ def test_evaluate_job_writes_its_report(tiny_toy_model_dir, tmp_path):
 def test_jobs_have_help_and_print_config(job):
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / job), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage:" in out.stdout and "--print-config" in out.stdout
+
+
+def test_a_rounds_recipe_configures_the_generation_and_training_jobs():
+    """``--recipe toy-rounds`` on jobs/generate_pairs.py and jobs/train.py starts from the default's generation and
+    training sections; a recipe of another tree (the sweep's) is not offered to them, nor a rounds one to the sweep."""
+    import generate_pairs
+    import sweep
+    import train
+    import yaml
+
+    from pipeline.cli import config_data
+    from pipeline.recipes import TOY_ROUNDS
+
+    generation = config_data(generate_pairs.parse_args(["--out", "x", "--recipe", "toy-rounds"]))
+    assert generation == TOY_ROUNDS["generation"]
+    training = config_data(train.parse_args(["--pairs", "p", "--out", "x", "--recipe", "toy-rounds",
+                                             "--set", "max_steps=7"]))
+    assert training == {**TOY_ROUNDS["train"], "max_steps": 7}
+    shown = subprocess.run([sys.executable, str(ROOT / "jobs" / "generate_pairs.py"), "--out", "x", "--recipe",
+                            "toy-rounds", "--print-config"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and yaml.safe_load(shown.stdout)["pairing"] == "all", shown.stderr
+    for job, argv in ((generate_pairs, ["--out", "x", "--recipe", "toy-sweep"]),
+                      (sweep, ["--out", "x", "--recipe", "toy-rounds"])):
+        with pytest.raises(SystemExit):
+            job.parse_args(argv)
