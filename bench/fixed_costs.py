@@ -82,23 +82,19 @@ def in_process(run_dir: Path, rounds: int, overrides: list[str]) -> None:
         gen = cfg.generation_config(k, policy)
         prompts = load_prompts(gen.prompts, limit=gen.prompt_limit, repeat=gen.prompt_repeat)
         log(f"round {k} · generate · {len(prompts)} prompts × {gen.samples_per_prompt} samples")
-        samples = [s for p in prompts for s in pairing.expand_samples(p, samples_per_prompt=gen.samples_per_prompt,
-                                                                      seed=gen.seed, round_=k)]
+        rows = [pairing.sample_seeds(p, samples_per_prompt=gen.samples_per_prompt, seed=gen.seed, round_=k)
+                for p in prompts]
         generator = GenerateImages(gen.model, asdict(gen.sampler), {"": "prompt"}, torch_threads=threads,
                                    write_png=gen.write_png, weights=gen.weights, lora_rank=gen.lora_rank)
         scorer = ScoreImages(gen.reward)
-        scored = []
-        for i in range(0, len(samples), gen.batch_size):
-            chunk = samples[i:i + gen.batch_size]
-            batch = {c: np.array([s[c] for s in chunk], dtype=object if c == "prompt" else None) for c in chunk[0]}
-            scored.append(scorer(generator(batch)))
-        columns = {c: np.concatenate([b[c] for b in scored]) for c in scored[0]}
+        per_batch = max(1, gen.batch_size // gen.samples_per_prompt)  # prompts per batch, as the pipeline batches
         tables = []
-        for pid in np.unique(columns["prompt_id"]):
-            idx = np.flatnonzero(columns["prompt_id"] == pid)
-            tables.append(pairing.pairs_from_rollouts({c: v[idx] for c, v in columns.items()}, pairing=gen.pairing,
-                                                      min_gap=gen.min_reward_gap, round_=k,
-                                                      policy_version=gen.policy_version))
+        for i in range(0, len(rows), per_batch):
+            chunk = rows[i:i + per_batch]
+            batch = {c: np.array([r[c] for r in chunk], dtype=object if c == "prompt" else None) for c in chunk[0]}
+            tables.append(pairing.pairs_from_prompts(scorer(generator(batch)), pairing=gen.pairing,
+                                                     min_gap=gen.min_reward_gap, round_=k,
+                                                     policy_version=gen.policy_version))
         table = pa.concat_tables(tables).sort_by("pair_id")
         log(f"round {k}: training on {table.num_rows} pairs")
         engine = TrainEngine(cfg.train_config(k, policy, "", optimizer))

@@ -132,6 +132,27 @@ def test_autoscaling_pools_and_a_budget_make_the_same_pairs(tiny_toy_model_dir, 
         generate(small(tiny_toy_model_dir, strategy="onpolicy", samples_per_prompt=4), legacy)
 
 
+def test_onpolicy_rollouts_stream_without_a_shuffle(tiny_toy_model_dir):
+    """A prompt's K rollouts travel in one row from their seeds to their pairs, so nothing gathers the run's rollouts:
+    the on-policy plan holds no all-to-all operator (a groupby's sort, a sort, a repartition), which would keep every
+    rollout of the run in the object store at once (bench/results/rollouts.md measures the peak). The
+    loser-borrowing strategies still group their prompts, and the check sees that."""
+    from ray.data._internal.logical.operators.all_to_all_operator import AbstractAllToAll
+
+    from pipeline.data.generate import build_dataset
+
+    def all_to_all(strategy):
+        found, stack = [], [build_dataset(small(tiny_toy_model_dir, strategy=strategy))._logical_plan.dag]
+        while stack:
+            op = stack.pop()
+            found += [op.name] if isinstance(op, AbstractAllToAll) else []
+            stack += op.input_dependencies
+        return found
+
+    assert all_to_all("onpolicy") == [] and all_to_all("ddspo-paired") == []
+    assert all_to_all("rand-positive")
+
+
 def test_a_crash_leaves_nothing_a_rerun_would_trust(tiny_toy_model_dir, tmp_path):
     with pytest.raises(Exception, match="unknown reward"):
         generate(small(tiny_toy_model_dir, reward={"name": "no-such-reward"}), tmp_path / "out")

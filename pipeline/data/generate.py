@@ -1,6 +1,6 @@
 """Compose the Ray Data stages into one preference-data generation run.
 
-    prompts ─▶ [perturb c→c⁻] ─▶ [expand K seeds] ─▶ generate (actor pool) ─▶ [score (actor pool)] ─▶ pairs ─▶ Parquet
+    prompts ─▶ [perturb c→c⁻] ─▶ [K seeds per prompt] ─▶ generate (actor pool) ─▶ [score (actor pool)] ─▶ pairs ─▶ Parquet
 
 Strategies:
 
@@ -164,16 +164,22 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
     # their reservation on a small machine would leave no room for the stages that feed them (deadlock).
     light = dict(num_cpus=LIGHT_STAGE_CPUS)
     prompts = load_prompts(cfg.prompts, limit=cfg.prompt_limit, repeat=cfg.prompt_repeat)
-    # Shuffles (groupby, sort) default to 200 partitions: hundreds of tasks for a few hundred rows. Size
+    # The loser-borrowing groupby defaults to 200 partitions: hundreds of tasks for a few hundred rows. Size
     # them to the data instead, about ROWS_PER_PARTITION rows each.
-    rows = len(prompts) * (cfg.samples_per_prompt if cfg.strategy == "onpolicy" else 1)
-    parts = max(1, min(200, rows // ROWS_PER_PARTITION))
-    # …but give every model actor the pool may grow to a few blocks to work on.
-    ds = ray.data.from_items(prompts, override_num_blocks=min(len(prompts), max(parts, 4 * bounds.max_size)))
-    # The pairing groupby and the final sort shuffle with plain tasks: Ray Data's default shuffle starts actors
-    # of its own for every run, a fixed cost larger than the shuffle of a few thousand rows
-    # (docs/scale.md, bench/results/rollouts.md)
+    parts = max(1, min(200, len(prompts) // ROWS_PER_PARTITION))
+    # Prompts per generation batch (an on-policy row holds K rollouts): about batch_size rollouts in each.
+    per_batch = max(1, cfg.batch_size // cfg.samples_per_prompt) if cfg.strategy == "onpolicy" else cfg.batch_size
+    # A block of prompts is one generation task's work, and its images one output block in the object store: a
+    # block per batch keeps that output a batch's size however many prompts the run has (with a fixed number of
+    # blocks the object store's peak grew with the run, bench/results/rollouts.md), and every model actor the pool
+    # may grow to gets a few blocks to work on.
+    blocks = max(parts, 4 * bounds.max_size, -(-len(prompts) // per_batch))
+    ds = ray.data.from_items(prompts, override_num_blocks=min(len(prompts), blocks))
+    # The loser-borrowing groupby shuffles with plain tasks: Ray Data's default shuffle starts actors of its own
+    # for every run, a fixed cost larger than the shuffle of a few thousand rows (docs/scale.md)
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    # pairs leave in prompt order (a groupby's: in group order), so a rerun writes identical files, with no sort
+    ds.context.execution_options.preserve_order = True
     if cfg.object_store_mb:  # backpressure: the whole run (every dataset derived from this one) shares this context
         options = ds.context.execution_options
         options.resource_limits = options.resource_limits.copy(object_store_memory=cfg.object_store_mb << 20)
@@ -188,20 +194,22 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
             ds = ds.map_batches(pairing.perturb_batch, batch_size=cfg.batch_size, **light,
                                 fn_kwargs=dict(method=cfg.perturb, seed=cfg.seed))
 
-    generate = dict(batch_size=cfg.batch_size, compute=pool, num_cpus=cfg.cpus_per_actor, num_gpus=gpus, **place)
+    generate = dict(batch_size=per_batch, compute=pool, num_cpus=cfg.cpus_per_actor, num_gpus=gpus, **place)
     gen_kwargs = dict(model=cfg.model, sampler=asdict(cfg.sampler), torch_threads=cfg.torch_threads,
                       write_png=cfg.write_png, weights=cfg.weights, lora_rank=cfg.lora_rank)
 
     if cfg.strategy == "onpolicy":
-        ds = ds.flat_map(pairing.expand_samples, fn_kwargs=dict(samples_per_prompt=cfg.samples_per_prompt,
-                                                               seed=cfg.seed, round_=cfg.round), **light)
+        # One row per prompt with its K samples, from seeds to pairs: no shuffle gathers a prompt's rollouts, so the
+        # run streams (bench/results/rollouts.md).
+        ds = ds.map(pairing.sample_seeds, fn_kwargs=dict(samples_per_prompt=cfg.samples_per_prompt,
+                                                         seed=cfg.seed, round_=cfg.round), **light)
         ds = ds.map_batches(stages.GenerateImages, fn_constructor_kwargs=dict(columns={"": "prompt"}, **gen_kwargs),
                             **generate)
-        ds = ds.map_batches(stages.ScoreImages, batch_size=cfg.batch_size, compute=cfg.reward_pool.strategy(),
+        ds = ds.map_batches(stages.ScoreImages, batch_size=per_batch, compute=cfg.reward_pool.strategy(),
                             num_cpus=LIGHT_STAGE_CPUS, num_gpus=gpus, **place, fn_constructor_kwargs=dict(reward=cfg.reward))
-        return ds.groupby("prompt_id", num_partitions=parts).map_groups(
-            pairing.pairs_from_rollouts, fn_kwargs=dict(pairing=cfg.pairing, min_gap=cfg.min_reward_gap,
-                                                       round_=cfg.round, policy_version=cfg.policy_version), **light)
+        return ds.map_batches(pairing.pairs_from_prompts, batch_size=per_batch, **light,
+                              fn_kwargs=dict(pairing=cfg.pairing, min_gap=cfg.min_reward_gap, round_=cfg.round,
+                                             policy_version=cfg.policy_version))
 
     ds = ds.map(pairing.add_seed_and_group, fn_kwargs=dict(seed=cfg.seed, round_=cfg.round, group_size=cfg.group_size),
                 **light)
@@ -260,9 +268,11 @@ def generate(cfg: GenerationConfig, out: str | Path) -> dict:
     emit(f"{name} · {n_prompts} prompts × {cfg.samples_per_prompt} samples = {total} rollouts" if onpolicy else
          f"{name} · {n_prompts} prompts ({cfg.strategy})")
     stage = Stage(name, total, unit)
-    with atomic_directory(out, marker=True) as tmp, watch_data_operator("GenerateImages", stage):
-        ds = build_dataset(cfg).sort("pair_id")  # a stable row order: reruns write identical files
-        ds.write_parquet(str(tmp / PARQUET_DIR), min_rows_per_file=100_000)
+    per_row = cfg.samples_per_prompt if onpolicy else 1  # an on-policy row is a prompt's K rollouts
+    with atomic_directory(out, marker=True) as tmp, watch_data_operator("GenerateImages", stage, per_row):
+        # a file per block that reaches the writer (a generation batch's pairs): a minimum number of rows per file
+        # would make the writer hold that many pairs in the object store
+        build_dataset(cfg).write_parquet(str(tmp / PARQUET_DIR))
         if not (tmp / PARQUET_DIR).is_dir():  # Ray Data writes no folder for an empty dataset
             raise ValueError(f"{out}: no pairs were made from {n_prompts} prompts (strategy {cfg.strategy!r}, "
                              f"pairing {cfg.pairing!r}, min_reward_gap {cfg.min_reward_gap}): every prompt's "

@@ -34,10 +34,11 @@ def perturb_batch(batch: Batch, *, method: str, seed: int) -> Batch:
     return batch
 
 
-def expand_samples(row: dict[str, Any], *, samples_per_prompt: int, seed: int, round_: int) -> list[dict[str, Any]]:
-    """K rollout rows per prompt, each with its own seed (flat_map)."""
-    return [{**row, "sample_idx": k, "seed": derive_seed(seed, round_, row["prompt_id"], k)}
-            for k in range(samples_per_prompt)]
+def sample_seeds(row: dict[str, Any], *, samples_per_prompt: int, seed: int, round_: int) -> dict[str, Any]:
+    """The K rollout seeds of one prompt, in one row (``seed`` of shape (K,)): a prompt's samples travel together
+    through generation and scoring to :func:`pairs_from_prompts`, so no shuffle has to gather them."""
+    return {**row, "seed": np.array([derive_seed(seed, round_, row["prompt_id"], k) for k in range(samples_per_prompt)],
+                                    dtype=np.int64)}
 
 
 # --------------------------------------------------------------------------------- pairing
@@ -77,8 +78,22 @@ def rows_to_table(rows: list[dict[str, Any]]):
     return pa.Table.from_pydict(columns, schema=PAIR_SCHEMA)
 
 
+def pairs_from_prompts(batch: Batch, *, pairing: str, min_gap: float, round_: int, policy_version: str):
+    """Scored prompts → pairs (``map_batches``): each row holds one prompt's K samples (``seed``, ``reward``, ``latent``
+    and ``png`` with a leading K axis), paired by :func:`pairs_from_rollouts`."""
+    tables = []
+    for i in range(len(batch["prompt"])):
+        k = len(batch["seed"][i])
+        group = {"prompt": np.full(k, batch["prompt"][i], dtype=object), "sample_idx": np.arange(k),
+                 "seed": np.asarray(batch["seed"][i]), "reward": np.asarray(batch["reward"][i], dtype=np.float64),
+                 "latent": np.asarray(batch["latent"][i]), "png": np.array(list(batch["png"][i]), dtype=object)}
+        tables.append(pairs_from_rollouts(group, pairing=pairing, min_gap=min_gap, round_=round_,
+                                          policy_version=policy_version))
+    return pa.concat_tables(tables) if tables else rows_to_table([])
+
+
 def pairs_from_rollouts(group: Batch, *, pairing: str, min_gap: float, round_: int, policy_version: str):
-    """All K scored samples of one prompt → pairs (map_groups on ``prompt_id``).
+    """All K scored samples of one prompt → pairs.
 
     ``best-worst``: one pair, the highest against the lowest reward; ``all``: every ordered pair whose gap
     exceeds ``min_gap``. Ties (gap ≤ ``min_gap``) are dropped: a tie carries no preference.

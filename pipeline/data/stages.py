@@ -43,6 +43,8 @@ class GenerateImages:
 
     ``columns`` maps an output suffix to the prompt column to condition on, e.g. ``{"": "prompt"}`` for
     rollouts or ``{"_w": "prompt", "_l": "perturbed_prompt"}`` for paired DDSPO data (same seed for both).
+    A row whose ``seed`` holds K seeds (on-policy rollouts, :func:`pairing.sample_seeds`) gets K samples, and its
+    outputs a leading K axis.
     """
 
     def __init__(self, model: str, sampler: dict, columns: dict[str, str], *, use_reference: bool = False,
@@ -57,30 +59,40 @@ class GenerateImages:
         self.columns, self.use_reference, self.write_png = columns, use_reference, write_png
 
     def __call__(self, batch: Batch) -> Batch:
-        seeds = batch["seed"].tolist()
+        seeds = np.asarray(batch["seed"])
+        rows, per_row = len(seeds), (seeds.shape[1:] or (None,))[0]  # per_row: K seeds per row, or one (None)
         for suffix, prompt_column in self.columns.items():
-            out = sample(self.backbone, list(batch[prompt_column]), seeds, self.sampler, reference=self.use_reference)
+            prompts = [str(p) for p in batch[prompt_column] for _ in range(per_row or 1)]
+            out = sample(self.backbone, prompts, seeds.reshape(-1).tolist(), self.sampler, reference=self.use_reference)
             images = out.images.numpy().astype(np.float32)
-            batch[f"image{suffix}"] = images
-            batch[f"latent{suffix}"] = out.latents.numpy().astype(np.float32)
-            batch[f"log_prob{suffix}"] = out.log_probs.sum(1).numpy().astype(np.float64)
             # an image's PNG, or a video's frame strip (pipeline/data/preview.py)
-            batch[f"png{suffix}"] = np.array([preview_png(im) if self.write_png else b"" for im in images],
-                                             dtype=object)
+            png = np.empty(len(images), dtype=object)
+            png[:] = [preview_png(im) if self.write_png else b"" for im in images]
+            columns = {"image": images, "latent": out.latents.numpy().astype(np.float32),
+                       "log_prob": out.log_probs.sum(1).numpy().astype(np.float64), "png": png}
+            for name, values in columns.items():
+                batch[f"{name}{suffix}"] = values.reshape(rows, per_row, *values.shape[1:]) if per_row else values
         return batch
 
 
 # --------------------------------------------------------------------------------- scoring
 class ScoreImages:
-    """Adds ``reward{suffix}`` for each image column with a reward model (or mixture) loaded once per actor."""
+    """Adds ``reward{suffix}`` for each image column with a reward model (or mixture) loaded once per actor; rows of
+    K samples (a ``seed`` of K seeds) get K rewards. The images are dropped once scored: nothing after this stage
+    reads them, and they are the largest column."""
 
     def __init__(self, reward: Any, suffixes: tuple[str, ...] = ("",)):
         self.reward, self.suffixes = build_reward(reward), suffixes
 
     def __call__(self, batch: Batch) -> Batch:
+        seeds = np.asarray(batch.get("seed", ()))
+        per_row = seeds.shape[1] if seeds.ndim == 2 else 0  # K samples per row, or one sample (0)
+        prompts = [str(p) for p in batch["prompt"] for _ in range(per_row or 1)]
         for suffix in self.suffixes:
-            images = torch.from_numpy(np.ascontiguousarray(batch[f"image{suffix}"]))
-            batch[f"reward{suffix}"] = self.reward(images, list(batch["prompt"])).numpy().astype(np.float64)
+            images = np.ascontiguousarray(batch.pop(f"image{suffix}"))
+            flat = torch.from_numpy(images.reshape(len(prompts), *images.shape[2 if per_row else 1:]))
+            rewards = self.reward(flat, prompts).numpy().astype(np.float64)
+            batch[f"reward{suffix}"] = rewards.reshape(-1, per_row) if per_row else rewards
         return batch
 
 

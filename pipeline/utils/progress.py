@@ -142,7 +142,7 @@ try:  # an internal Ray Data interface; without it the stages print only their s
 except ImportError:  # pragma: no cover - another Ray version
     _ExecutionCallback = None
 
-_WATCHED: list[tuple[str, Stage]] = []  # (operator-name substring, stage) of the executions running here
+_WATCHED: list[tuple[str, Stage, int]] = []  # (operator-name substring, stage, items per row) of the executions running
 
 
 if _ExecutionCallback is not None:
@@ -156,18 +156,18 @@ if _ExecutionCallback is not None:
                 return
             try:
                 ops = list(getattr(executor, "_topology", None) or {})
-                for substring, stage in list(_WATCHED):
-                    stage.set(sum(int(op.metrics.rows_task_outputs_generated or 0)
-                                  for op in ops if substring in op.name))
+                for substring, stage, per_row in list(_WATCHED):
+                    stage.set(per_row * sum(int(op.metrics.rows_task_outputs_generated or 0)
+                                            for op in ops if substring in op.name))
             except Exception:  # progress never breaks the pipeline it watches
                 pass
 
 
 @contextlib.contextmanager
-def watch_data_operator(substring: str, stage: Stage) -> Iterator[None]:
+def watch_data_operator(substring: str, stage: Stage, per_row: int = 1) -> Iterator[None]:
     """While the block runs, Ray Data executions started in it report the rows output by their operators whose
-    name contains ``substring`` (e.g. ``"GenerateImages"``) to ``stage``. Datasets capture the current
-    DataContext when they are created: create them inside the block."""
+    name contains ``substring`` (e.g. ``"GenerateImages"``) to ``stage``, each counted ``per_row`` times (a row of
+    K rollouts). Datasets capture the current DataContext when they are created: create them inside the block."""
     if _ExecutionCallback is None:
         yield
         return
@@ -176,11 +176,11 @@ def watch_data_operator(substring: str, stage: Stage) -> Iterator[None]:
     ctx = ray.data.DataContext.get_current()
     before = ctx.custom_execution_callback_classes
     ctx.custom_execution_callback_classes = [*before, RayDataProgress]
-    _WATCHED.append((substring, stage))
+    _WATCHED.append((substring, stage, per_row))
     try:
         yield
     finally:
-        _WATCHED.remove((substring, stage))
+        _WATCHED.remove((substring, stage, per_row))
         ctx.custom_execution_callback_classes = before
 
 
