@@ -6,7 +6,6 @@ import hashlib
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.data.schema import read_pairs
 from pipeline.training import PairData, PairSampler, TrainEngine, TrainingDiverged, train_in_process
