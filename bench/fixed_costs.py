@@ -51,12 +51,11 @@ def in_process(run_dir: Path, rounds: int, overrides: list[str]) -> None:
 
     offline_mode()  # before the model libraries are imported, as the job does
     import numpy as np
-    import pyarrow as pa
     import torch
     from safetensors.torch import save_file
 
     from pipeline.config import apply_overrides, build
-    from pipeline.data import pairing
+    from pipeline.data.generate import rollout_pairs_in_process
     from pipeline.data.prompts import load_prompts
     from pipeline.data.stages import GenerateImages, ScoreImages
     from pipeline.recipes import recipe
@@ -82,20 +81,9 @@ def in_process(run_dir: Path, rounds: int, overrides: list[str]) -> None:
         gen = cfg.generation_config(k, policy)
         prompts = load_prompts(gen.prompts, limit=gen.prompt_limit, repeat=gen.prompt_repeat)
         log(f"round {k} · generate · {len(prompts)} prompts × {gen.samples_per_prompt} samples")
-        rows = [pairing.sample_seeds(p, samples_per_prompt=gen.samples_per_prompt, seed=gen.seed, round_=k)
-                for p in prompts]
         generator = GenerateImages(gen.model, asdict(gen.sampler), {"": "prompt"}, torch_threads=threads,
                                    write_png=gen.write_png, weights=gen.weights, lora_rank=gen.lora_rank)
-        scorer = ScoreImages(gen.reward)
-        per_batch = max(1, gen.batch_size // gen.samples_per_prompt)  # prompts per batch, as the pipeline batches
-        tables = []
-        for i in range(0, len(rows), per_batch):
-            chunk = rows[i:i + per_batch]
-            batch = {c: np.array([r[c] for r in chunk], dtype=object if c == "prompt" else None) for c in chunk[0]}
-            tables.append(pairing.pairs_from_prompts(scorer(generator(batch)), pairing=gen.pairing,
-                                                     min_gap=gen.min_reward_gap, round_=k,
-                                                     policy_version=gen.policy_version))
-        table = pa.concat_tables(tables).sort_by("pair_id")
+        table = rollout_pairs_in_process(gen, generator, ScoreImages(gen.reward))
         log(f"round {k}: training on {table.num_rows} pairs")
         engine = TrainEngine(cfg.train_config(k, policy, "", optimizer))
         engine.run(PairData.from_table(table))

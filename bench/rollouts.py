@@ -3,9 +3,9 @@ object-store peak at 1× and 10× the prompts under an object-store budget.
 
 Work, on both sides: K rollouts per prompt (CFG sampling), scoring by the toy verifiable reward, best-vs-worst
 pairs, written to Parquet with PNG previews (compared by ``pair_id``). The Ray side is ``generate``
-(``pipeline/data/generate.py``); the loop runs the same stage code (``stages.GenerateImages``,
-``stages.ScoreImages``, ``pairing.sample_seeds`` / ``pairs_from_prompts``) batch by batch in one process, on the
-same prompts and seeds, so the two write the same pairs (checked: pair ids and latents compared).
+(``pipeline/data/generate.py``); the loop, ``generate.rollout_pairs_in_process``, runs the same stage code
+(``stages.GenerateImages``, ``stages.ScoreImages``, ``pairing.pairs_from_prompts``) batch by batch in one process, on
+the same prompts and seeds, so the two write the same pairs (checked: pair ids and latents compared).
 
 Each case runs in a fresh subprocess; its clock starts after the imports, so the Ray side's time includes
 ``ray.init``, the actors' own imports and model loading, the write and the read-back validation,
@@ -85,30 +85,18 @@ def loop(cfg, out: Path) -> float:
     """The pipeline's work in one process, batch by batch; returns the start-up seconds (model and reward loading)."""
     from dataclasses import asdict
 
-    import numpy as np
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.data import pairing, stages
-    from pipeline.data.prompts import load_prompts
+    from pipeline.data import stages
+    from pipeline.data.generate import rollout_pairs_in_process
 
     t0 = time.perf_counter()
     generate = stages.GenerateImages(model=cfg.model, sampler=asdict(cfg.sampler), columns={"": "prompt"},
                                      write_png=cfg.write_png)
     score = stages.ScoreImages(cfg.reward)
     startup = time.perf_counter() - t0
-    rows = [pairing.sample_seeds(p, samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed, round_=cfg.round)
-            for p in load_prompts(cfg.prompts, limit=cfg.prompt_limit, repeat=cfg.prompt_repeat)]
-    per_batch = max(1, cfg.batch_size // cfg.samples_per_prompt)  # prompts per batch, as the pipeline batches them
-    tables = []
-    for start in range(0, len(rows), per_batch):
-        chunk = rows[start:start + per_batch]
-        batch = {k: np.array([r[k] for r in chunk], dtype=object if k == "prompt" else None) for k in chunk[0]}
-        tables.append(pairing.pairs_from_prompts(score(generate(batch)), pairing=cfg.pairing,
-                                                 min_gap=cfg.min_reward_gap, round_=cfg.round,
-                                                 policy_version=cfg.policy_version))
     out.mkdir(parents=True)
-    pq.write_table(pa.concat_tables(tables).sort_by("pair_id"), out / "part-0.parquet")
+    pq.write_table(rollout_pairs_in_process(cfg, generate, score), out / "part-0.parquet")
     return startup
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 from ray.data.context import ShuffleStrategy
 
@@ -126,6 +127,12 @@ class GenerationConfig:
         check_placement(self, "actor_resources", "actor_labels")
 
     @property
+    def prompts_per_batch(self) -> int:
+        """Prompts in one generation batch: an on-policy row holds K rollouts, so a batch holds about ``batch_size``
+        rollouts."""
+        return max(1, self.batch_size // self.samples_per_prompt) if self.strategy == "onpolicy" else self.batch_size
+
+    @property
     def generation_bounds(self) -> PoolConfig:
         """The generation pool's bounds: ``generation_pool``, else a fixed pool of ``num_actors``."""
         return self.generation_pool or PoolConfig(self.num_actors, self.num_actors)
@@ -167,8 +174,7 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
     # The loser-borrowing groupby defaults to 200 partitions: hundreds of tasks for a few hundred rows. Size
     # them to the data instead, about ROWS_PER_PARTITION rows each.
     parts = max(1, min(200, len(prompts) // ROWS_PER_PARTITION))
-    # Prompts per generation batch (an on-policy row holds K rollouts): about batch_size rollouts in each.
-    per_batch = max(1, cfg.batch_size // cfg.samples_per_prompt) if cfg.strategy == "onpolicy" else cfg.batch_size
+    per_batch = cfg.prompts_per_batch
     # A block of prompts is one generation task's work, and its images one output block in the object store: a
     # block per batch keeps that output a batch's size however many prompts the run has (with a fixed number of
     # blocks the object store's peak grew with the run, bench/results/rollouts.md), and every model actor the pool
@@ -224,6 +230,24 @@ def build_dataset(cfg: GenerationConfig) -> ray.data.Dataset:
     return ds.groupby("group", num_partitions=parts).map_groups(
         pairing.pairs_borrowing_losers, fn_kwargs=dict(strategy=cfg.strategy, seed=cfg.seed, round_=cfg.round,
                                                       policy_version=cfg.policy_version), **light)
+
+
+def rollout_pairs_in_process(cfg: GenerationConfig, generate_stage, score_stage) -> pa.Table:
+    """The on-policy pipeline's work in this process, batch by batch as :func:`build_dataset` batches it, through the
+    given stage objects (``stages.GenerateImages``, ``stages.ScoreImages``): the baseline that bench/rollouts.py and
+    bench/fixed_costs.py hold the Ray pipeline against. The pairs come back in ``pair_id`` order."""
+    from .prompts import load_prompts
+
+    rows = [pairing.sample_seeds(p, samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed, round_=cfg.round)
+            for p in load_prompts(cfg.prompts, limit=cfg.prompt_limit, repeat=cfg.prompt_repeat)]
+    tables = []
+    for start in range(0, len(rows), cfg.prompts_per_batch):
+        chunk = rows[start:start + cfg.prompts_per_batch]
+        batch = {c: np.array([r[c] for r in chunk], dtype=object if c == "prompt" else None) for c in chunk[0]}
+        tables.append(pairing.pairs_from_prompts(score_stage(generate_stage(batch)), pairing=cfg.pairing,
+                                                 min_gap=cfg.min_reward_gap, round_=cfg.round,
+                                                 policy_version=cfg.policy_version))
+    return pa.concat_tables(tables).sort_by("pair_id")
 
 
 def existing_output(cfg: GenerationConfig, out: str | Path) -> dict | None:

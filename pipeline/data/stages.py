@@ -20,6 +20,13 @@ from .preview import preview_png
 Batch = dict[str, np.ndarray]
 
 
+def samples_per_row(batch: Batch) -> int:
+    """K when each row carries K samples (a ``seed`` column of shape (rows, K), :func:`pairing.sample_seeds`), else 0:
+    one sample per row."""
+    seeds = np.asarray(batch.get("seed", ()))
+    return seeds.shape[1] if seeds.ndim == 2 else 0
+
+
 # --------------------------------------------------------------------------------- perturbation
 class PerturbPrompts:
     """Adds ``perturbed_prompt`` (c⁻). With ``method="llm"`` it holds the LLM, so run it on an actor pool."""
@@ -59,8 +66,7 @@ class GenerateImages:
         self.columns, self.use_reference, self.write_png = columns, use_reference, write_png
 
     def __call__(self, batch: Batch) -> Batch:
-        seeds = np.asarray(batch["seed"])
-        rows, per_row = len(seeds), (seeds.shape[1:] or (None,))[0]  # per_row: K seeds per row, or one (None)
+        seeds, per_row = np.asarray(batch["seed"]), samples_per_row(batch)
         for suffix, prompt_column in self.columns.items():
             prompts = [str(p) for p in batch[prompt_column] for _ in range(per_row or 1)]
             out = sample(self.backbone, prompts, seeds.reshape(-1).tolist(), self.sampler, reference=self.use_reference)
@@ -71,7 +77,7 @@ class GenerateImages:
             columns = {"image": images, "latent": out.latents.numpy().astype(np.float32),
                        "log_prob": out.log_probs.sum(1).numpy().astype(np.float64), "png": png}
             for name, values in columns.items():
-                batch[f"{name}{suffix}"] = values.reshape(rows, per_row, *values.shape[1:]) if per_row else values
+                batch[f"{name}{suffix}"] = values.reshape(len(seeds), per_row, *values.shape[1:]) if per_row else values
         return batch
 
 
@@ -85,8 +91,7 @@ class ScoreImages:
         self.reward, self.suffixes = build_reward(reward), suffixes
 
     def __call__(self, batch: Batch) -> Batch:
-        seeds = np.asarray(batch.get("seed", ()))
-        per_row = seeds.shape[1] if seeds.ndim == 2 else 0  # K samples per row, or one sample (0)
+        per_row = samples_per_row(batch)
         prompts = [str(p) for p in batch["prompt"] for _ in range(per_row or 1)]
         for suffix in self.suffixes:
             images = np.ascontiguousarray(batch.pop(f"image{suffix}"))
